@@ -1,0 +1,40 @@
+# dynconv: set-up, demo and tests. Everything lives in .venv; nothing is installed system-wide.
+#   make demo   create .venv (first time only) and run the demo on the embedded default
+#   make test   create .venv (first time only) and run the test suite
+
+PYTHON      ?= python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+CONSTRAINTS := requirements/constraints.txt
+STAMP       := $(VENV)/.installed
+# torch/torchvision first and on their own: these exact versions lie on this machine's
+# disk, and pinning them before anything else stops pip from resolving a multi-GB download.
+TORCH_PKGS  := torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test clean distclean
+
+venv: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(PIP) install -c $(CONSTRAINTS) $(TORCH_PKGS)
+	$(PIP) install -c $(CONSTRAINTS) -e '.[train,test]'
+	touch $@
+
+demo: venv
+	$(PY) scripts/demo.py
+
+# OMP_NUM_THREADS=1: two xdist workers on two cores, one thread each.
+test: venv
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,26 @@
+"""dynconv: dynamic convolutions (CondConv, DY-Conv, ODConv, KernelWarehouse, ...) as drop-in layers
+on timm backbones, with the papers' layer rules, schedules and parameter counts.
+
+Importing the package registers every (variant, arch) pair with timm (``odconv4x_resnet18``).
+"""
+from . import _timm  # noqa: F401  (registers the timm entrypoints)
+from .accounting import count_macs, count_params
+from .models import ARCHS, create_model, list_archs
+from .registry import get_variant, list_convs
+from .schedules import set_progress
+from .surgery import ConvertReport, convert
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ARCHS",
+    "ConvertReport",
+    "convert",
+    "count_macs",
+    "count_params",
+    "create_model",
+    "get_variant",
+    "list_archs",
+    "list_convs",
+    "set_progress",
+]

@@ -1,0 +1,92 @@
+"""``create_model``: a timm backbone with a conv variant applied the way its paper applied it."""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Dict, List, Tuple
+
+import timm
+from torch import nn
+
+from .registry import ConvVariant, get_variant
+from .surgery import convert
+
+ARCHS: Tuple[str, ...] = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "mobilenetv2_050",
+    "mobilenetv2_075",
+    "mobilenetv2_100",
+    "convnext_tiny",
+)
+
+# Per-(family or variant, arch prefix) option defaults that the official configs set for that backbone.
+_ARCH_DEFAULTS: Dict[Tuple[str, str], Dict[str, Any]] = {
+    ("kw", "mobilenetv2"): {"mixing_epochs": 15},  # KW MobileNetV2 configs: temp_epoch 15
+    ("kw_4x", "mobilenetv2"): {"sharing_range": ("layer",)},  # separate pw0/pw1/dw warehouses
+    ("kw_1d2x", "mobilenetv2"): {"plan": "mobilenetv2_1d2x"},  # the hand-built kw1d2x_mobilenetv2 class
+    ("kw_1d2x", "resnet50"): {"nonlocal_basis_ratio": 0.0625},
+}
+
+
+def list_archs() -> List[str]:
+    """Backbones :func:`create_model` builds (timm definitions)."""
+    return list(ARCHS)
+
+
+def _arch_defaults(variant: ConvVariant, arch: str) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for key in (variant.family, variant.name):
+        for (name, prefix), options in _ARCH_DEFAULTS.items():
+            if name == key and arch.startswith(prefix):
+                out.update(options)
+    return out
+
+
+def family_option_names(family: str) -> set:
+    """Option names a family accepts (everything else in ``create_model`` goes to timm)."""
+    from .surgery import _CONVERTERS  # noqa: F401  (families are defined there)
+
+    if family == "kw":
+        from .ops.kernelwarehouse import KW_OPTIONS
+
+        return set(KW_OPTIONS)
+    if family == "attention":
+        return set()
+    from .ops.condconv import CondConv2d
+    from .ops.dyconv import DynamicConv2d
+    from .ops.odconv import ODConv2d
+
+    layer = {"condconv": CondConv2d, "dyconv": DynamicConv2d, "odconv": ODConv2d}.get(family)
+    if layer is None:
+        return set()
+    conv_args = set(inspect.signature(nn.Conv2d.__init__).parameters)
+    return set(inspect.signature(layer.__init__).parameters) - conv_args | {"temperature_epochs"}
+
+
+def create_model(arch: str, conv: str = "static", num_classes: int = 1000, **overrides: Any) -> nn.Module:
+    """Build ``arch`` from timm and apply ``conv`` with the official per-backbone rules.
+
+    Args:
+        arch: one of :func:`list_archs`.
+        conv: one of :func:`dynconv.list_convs`.
+        num_classes: classifier width.
+        **overrides: family options (``kernel_num``, ``reduction``, ``temperature_epochs``,
+            ``cell_num_ratio``, ...) override the variant; anything else goes to ``timm.create_model``
+            (``drop_rate``, ``drop_path_rate``, ``in_chans``, ...).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
+    variant = get_variant(conv)
+    conv_names = family_option_names(variant.family)
+    conv_options = {k: v for k, v in overrides.items() if k in conv_names}
+    timm_kwargs = {k: v for k, v in overrides.items() if k not in conv_names}
+    if arch.startswith("convnext") and variant.family != "static":
+        # NCHW blocks with 1x1 convs instead of Linear in the MLP (same parameters), so the
+        # pointwise layers can be dynamic and residual attention sees NCHW maps.
+        timm_kwargs.setdefault("conv_mlp", True)
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **timm_kwargs)
+    if variant.family != "static":
+        convert(model, conv, **{**_arch_defaults(variant, arch), **conv_options})
+    return model

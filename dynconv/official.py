@@ -1,0 +1,356 @@
+"""Checkpoints of the official ODConv and KernelWarehouse code, in and out of dynconv models.
+
+dynconv models are timm backbones; the official code defines its own ResNet, MobileNetV2 and
+ConvNeXt classes. The layers keep the official parameter names (``<conv>.weight`` and
+``<conv>.attention.*`` for ODConv, ``warehouse_manager.weights.{i}`` and ``<conv>.attention.*`` for
+KernelWarehouse), so translating a checkpoint is renaming module paths between timm's and the
+official models (checked against OSVAI/ODConv ``models/*.py`` and OSVAI/KernelWarehouse
+``models/*.py``, ``utils.save_model``):
+
+- ResNet: identical names (torchvision layout) in both repositories.
+- MobileNetV2: ``features.0.{0,1}`` stem conv/bn; ``features.{i}.conv`` per inverted-residual block,
+  ``conv.0.{0,1}`` dw conv/bn then ``conv.1`` pw-linear, ``conv.2`` bn for the expansion-1 block,
+  ``conv.0.{0,1}`` pw, ``conv.1.{0,1}`` dw, ``conv.2`` pw-linear, ``conv.3`` bn for the others;
+  ``features.{last}.{0,1}`` final 1x1 conv/bn. The classifier is ``classifier.1`` (after a Dropout)
+  everywhere except ``kw_mobilenetv2_*``, whose classifier is a bare ``classifier`` Linear.
+- ConvNeXt (KernelWarehouse repo only): ``downsample_layers.0`` is the stem,
+  ``downsample_layers.{i}`` the downsampling norm + conv, ``stages.{i}.{j}.dwconv/norm/pwconv1/
+  pwconv2/gamma`` the blocks, ``norm`` and ``head`` the head. The static model keeps ``pwconv``
+  as Linear and ``gamma`` as ``[C]``; ``kw_convnext_tiny`` uses 1x1 convs and ``gamma [1, C, 1, 1]``.
+
+File formats: ODConv ``main.py`` saves ``{'state_dict': ..., 'epoch', 'acc', 'best_acc',
+'optimizer'}`` from the DDP wrapper (every key starts with ``module.``); KernelWarehouse
+``utils.save_model`` saves ``{'model': ..., 'optimizer', 'epoch', 'scaler', 'args',
+'model_ema'?}`` without prefix.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .backbones import CONVNEXT, MOBILENETV2, RESNET, detect_backbone
+from .registry import get_variant
+from .schedules import set_progress
+
+ODCONV, KW, STATE_DICT = "odconv", "kw", "state_dict"
+FORMATS: Tuple[str, ...] = (ODCONV, KW, STATE_DICT)
+_DDP_PREFIX = "module."
+
+Checkpoint = Union[str, "os.PathLike[str]", Mapping[str, Any]]
+
+
+@dataclass
+class ImportReport:
+    """What :func:`import_official` loaded.
+
+    Attributes:
+        source_format: ``odconv`` (``{'state_dict': {'module.' + key: ...}}``), ``kw``
+            (``{'model': ...}``), ``kw_ema`` (``{'model_ema': ...}``) or ``state_dict`` (a bare one).
+        layout: the official model definition the names were read as (``odconv`` or ``kw``).
+        variant: the dynconv conv variant of the model.
+        backbone: ``resnet``, ``mobilenetv2`` or ``convnext``.
+        loaded: number of tensors copied.
+        source: the file path, when a path was given.
+    """
+
+    source_format: str
+    layout: str
+    variant: str
+    backbone: str
+    loaded: int
+    source: Optional[str] = None
+
+    def __str__(self) -> str:
+        where = f" from {self.source}" if self.source else ""
+        return (
+            f"loaded {self.loaded} tensors{where} ({self.source_format} file, official {self.layout} "
+            f"{self.backbone} layout) into a {self.variant} model"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Name mapping: dynconv (timm) module paths -> official module paths
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How one dynconv model's state dict is named in the official code."""
+
+    name: str
+    renames: Dict[str, str]  # dynconv module path -> official module path (longest prefix wins)
+    official_shape: Callable[[str, torch.Size], torch.Size]  # official key, dynconv shape -> official shape
+
+    def official_key(self, key: str) -> str:
+        parts = key.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            prefix = ".".join(parts[:cut])
+            if prefix in self.renames:
+                return ".".join([self.renames[prefix], *parts[cut:]])
+        return key
+
+
+def _same_shape(key: str, shape: torch.Size) -> torch.Size:
+    return shape
+
+
+def _mobilenetv2_renames(model: nn.Module, kw_bare_classifier: bool) -> Dict[str, str]:
+    renames = {"conv_stem": "features.0.0", "bn1": "features.0.1"}
+    index = 1
+    for s, stage in enumerate(model.blocks):
+        for b, block in enumerate(stage):
+            src, dst = f"blocks.{s}.{b}", f"features.{index}.conv"
+            if type(block).__name__ == "DepthwiseSeparableConv":
+                pairs = {"conv_dw": "0.0", "bn1": "0.1", "conv_pw": "1", "bn2": "2"}
+            else:
+                pairs = {"conv_pw": "0.0", "bn1": "0.1", "conv_dw": "1.0", "bn2": "1.1", "conv_pwl": "2", "bn3": "3"}
+            renames.update({f"{src}.{a}": f"{dst}.{o}" for a, o in pairs.items()})
+            index += 1
+    renames.update({"conv_head": f"features.{index}.0", "bn2": f"features.{index}.1"})
+    renames["classifier"] = "classifier" if kw_bare_classifier else "classifier.1"
+    return renames
+
+
+def _convnext_renames(model: nn.Module) -> Dict[str, str]:
+    renames = {"stem": "downsample_layers.0", "head.norm": "norm", "head.fc": "head"}
+    for s, stage in enumerate(model.stages):
+        if not isinstance(stage.downsample, nn.Identity):
+            renames[f"stages.{s}.downsample"] = f"downsample_layers.{s}"
+        for b, _ in enumerate(stage.blocks):
+            src, dst = f"stages.{s}.blocks.{b}", f"stages.{s}.{b}"
+            renames[src] = dst
+            renames.update({f"{src}.conv_dw": f"{dst}.dwconv", f"{src}.mlp.fc1": f"{dst}.pwconv1"})
+            renames[f"{src}.mlp.fc2"] = f"{dst}.pwconv2"
+    return renames
+
+
+def _convnext_shapes(dynamic: bool) -> Callable[[str, torch.Size], torch.Size]:
+    """Official ConvNeXt shapes: ``kw_convnext`` has 1x1-conv MLPs and ``gamma [1, C, 1, 1]``,
+    the static ``convnext`` Linear MLPs and ``gamma [C]``; timm's depends on ``conv_mlp``."""
+
+    def shape(key: str, dyn: torch.Size) -> torch.Size:
+        squeezed = [d for d in dyn if d != 1] if len(dyn) > 1 else list(dyn)
+        if key.endswith(".gamma"):
+            return torch.Size([1, dyn.numel(), 1, 1] if dynamic else [dyn.numel()])
+        if key.endswith((".pwconv1.weight", ".pwconv2.weight")) and len(squeezed) == 2:
+            return torch.Size(squeezed + [1, 1] if dynamic else squeezed)
+        return dyn
+
+    return shape
+
+
+def _family(model: nn.Module) -> Tuple[str, str]:
+    variant = getattr(model, "dynconv_variant", "static")
+    return variant, get_variant(variant).family
+
+
+def _layout(model: nn.Module) -> _Layout:
+    variant, family = _family(model)
+    backbone = detect_backbone(model)
+    if family not in ("static", "odconv", "kw"):
+        raise ValueError(
+            f"no official checkpoint layout for conv variant {variant!r}: import_official/export_official "
+            "support 'static', 'odconv_*' (OSVAI/ODConv) and 'kw_*' (OSVAI/KernelWarehouse) models"
+        )
+    if backbone not in (RESNET, MOBILENETV2, CONVNEXT):
+        raise ValueError(
+            f"no official checkpoint layout for a {backbone} backbone ({type(model).__name__}); "
+            "supported: ResNet, MobileNetV2, ConvNeXt models from dynconv.create_model"
+        )
+    if family == "odconv" and backbone == CONVNEXT:
+        raise ValueError("OSVAI/ODConv has no ConvNeXt model, so there is no official odconv convnext layout")
+    name = ODCONV if family == "odconv" or (family == "static" and backbone != CONVNEXT) else KW
+    if backbone == RESNET:
+        return _Layout(name, {}, _same_shape)
+    if backbone == MOBILENETV2:
+        # kw_mobilenetv2 has a bare Linear classifier; kw1d2x_mobilenetv2 a Sequential(Dropout, KWLinear).
+        bare = family == "kw" and isinstance(model.classifier, nn.Linear)
+        return _Layout(name, _mobilenetv2_renames(model, bare), _same_shape)
+    return _Layout(name, _convnext_renames(model), _convnext_shapes(family == "kw"))
+
+
+def _describe(model: nn.Module) -> str:
+    variant, _ = _family(model)
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    arch = cfg.get("architecture") if isinstance(cfg, Mapping) else None
+    return f"{variant} {arch or detect_backbone(model)}"
+
+
+def official_names(model: nn.Module) -> Dict[str, str]:
+    """``{dynconv state-dict key: official key}`` for ``model`` (no ``module.`` prefix)."""
+    layout = _layout(model)
+    out: Dict[str, str] = {}
+    seen: Dict[str, str] = {}
+    for key in model.state_dict():
+        official = layout.official_key(key)
+        if official in seen:  # a bug in the rename table, never a user error
+            raise RuntimeError(f"{key!r} and {seen[official]!r} both map to official {official!r}")
+        seen[official] = key
+        out[key] = official
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading checkpoint files
+
+
+def _load_file(path: Union[str, "os.PathLike[str]"]) -> Any:
+    # The KernelWarehouse files also hold the argparse Namespace of the run ('args'); it is plain data.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def _unwrap(checkpoint: Any, ema: bool, where: str) -> Tuple[Dict[str, torch.Tensor], str, str]:
+    """``(state dict without DDP prefix, source format, the prefix that was removed)``."""
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{where}: expected a checkpoint dict or state dict, got {type(checkpoint).__name__}")
+    keys = list(checkpoint)
+    if ema:
+        if "model_ema" not in checkpoint:
+            raise ValueError(f"{where}: ema=True but the checkpoint has no 'model_ema' entry (top-level keys: {keys[:8]})")
+        state, fmt = checkpoint["model_ema"], "kw_ema"
+    elif "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], Mapping):
+        state, fmt = checkpoint["state_dict"], ODCONV
+    elif "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
+        state, fmt = checkpoint["model"], KW
+    elif _is_state_dict(checkpoint):
+        state, fmt = checkpoint, STATE_DICT
+    else:
+        raise ValueError(
+            f"{where}: not an official checkpoint: no 'state_dict' (ODConv) or 'model' (KernelWarehouse) "
+            f"entry and not a state dict (top-level keys: {keys[:8]})"
+        )
+    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise ValueError(f"{where}: entry {bad!r} is a {type(state[bad]).__name__}, not a tensor")
+    state = dict(state)
+    if state and all(k.startswith(_DDP_PREFIX) for k in state):
+        return {k[len(_DDP_PREFIX):]: v for k, v in state.items()}, fmt, _DDP_PREFIX
+    return state, fmt, ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Public functions
+
+
+def import_official(
+    model: nn.Module, checkpoint: Checkpoint, *, ema: bool = False, final_schedule: bool = True
+) -> ImportReport:
+    """Load a checkpoint written by the official ODConv or KernelWarehouse code into ``model``.
+
+    Loading is strict: every tensor of the checkpoint must land in ``model`` and every tensor of
+    ``model`` must come from the checkpoint, with equal shapes. Everything is checked before
+    anything is copied, so a checkpoint that does not fit leaves ``model`` untouched.
+
+    Args:
+        model: a model from :func:`dynconv.create_model` (``static``, ``odconv_*`` or ``kw_*`` on
+            ResNet / MobileNetV2; ``static`` or ``kw_*`` on ConvNeXt-T) matching the checkpoint's
+            architecture and options.
+        checkpoint: a file path (read with ``torch.load(weights_only=True)``) or the loaded object:
+            an ODConv file (``{'state_dict': {'module.' + key: ...}}``), a KernelWarehouse file
+            (``{'model': ..., 'model_ema': ...}``) or a bare state dict (``module.`` prefixes dropped).
+        ema: read ``'model_ema'`` of a KernelWarehouse file (its EMA weights) instead of ``'model'``.
+        final_schedule: set every scheduled layer to its end-of-training value (ODConv temperature 1,
+            KernelWarehouse tau 0), which is how the official code evaluates and fine-tunes.
+
+    Returns:
+        An :class:`ImportReport`.
+
+    Raises:
+        ValueError: unreadable format, a model without an official layout, or a checkpoint that
+            does not fit (the message names the first missing, unexpected and mis-shaped key).
+    """
+    source = None
+    where = "checkpoint"
+    if isinstance(checkpoint, (str, os.PathLike)):
+        source = os.fspath(checkpoint)
+        where = source
+        checkpoint = _load_file(checkpoint)
+    state, fmt, prefix = _unwrap(checkpoint, ema, where)
+    layout = _layout(model)
+    names = official_names(model)
+    target = model.state_dict()
+    by_official = {official: key for key, official in names.items()}
+
+    missing = [o for o in by_official if o not in state]
+    unexpected = [k for k in state if k not in by_official]
+    mismatched: List[str] = []
+    new_state: Dict[str, torch.Tensor] = {}
+    for official, key in by_official.items():
+        if official not in state:
+            continue
+        src, dst = state[official], target[key]
+        if src.shape != dst.shape:
+            # Same numbers, other view (ConvNeXt Linear vs 1x1 conv, gamma [C] vs [1, C, 1, 1]).
+            if layout.official_shape(official, dst.shape) != dst.shape and src.numel() == dst.numel() \
+                    and [d for d in src.shape if d != 1] == [d for d in dst.shape if d != 1]:
+                src = src.reshape(dst.shape)
+            else:
+                mismatched.append(
+                    f"{prefix + official!r}: checkpoint {list(src.shape)} vs model {list(dst.shape)} ({key})"
+                )
+                continue
+        if src.is_floating_point() != dst.is_floating_point():
+            mismatched.append(f"{prefix + official!r}: checkpoint dtype {src.dtype} vs model {dst.dtype} ({key})")
+            continue
+        new_state[key] = src
+    if missing or unexpected or mismatched:
+        lines = [
+            f"{where} does not fit this {_describe(model)} model (official {layout.name} layout, "
+            f"{fmt} file): {len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} mis-shaped keys"
+        ]
+        if mismatched:
+            lines.append(f"first mis-shaped key {mismatched[0]}")
+        if missing:
+            lines.append(f"first missing key {prefix + missing[0]!r} (model {by_official[missing[0]]!r})")
+        if unexpected:
+            lines.append(f"first unexpected key {prefix + unexpected[0]!r} {list(state[unexpected[0]].shape)}")
+        raise ValueError("; ".join(lines))
+
+    model.load_state_dict(new_state, strict=True)
+    if final_schedule:
+        set_progress(model, float("inf"))
+    variant, _ = _family(model)
+    return ImportReport(fmt, layout.name, variant, detect_backbone(model), len(new_state), source)
+
+
+def export_official(model: nn.Module, format: Optional[str] = None) -> Dict[str, Any]:
+    """``model``'s weights named and shaped as the official code names them, in its file structure.
+
+    Args:
+        model: as for :func:`import_official`.
+        format: ``odconv`` -> ``{'state_dict': {'module.' + key: tensor}}`` (ODConv ``main.py``),
+            ``kw`` -> ``{'model': {key: tensor}}`` (KernelWarehouse ``utils.save_model``),
+            ``state_dict`` -> the bare official state dict. Default: the format of the repository
+            that defines the model's variant (``odconv`` for ODConv and static ResNet/MobileNetV2,
+            ``kw`` for KernelWarehouse and ConvNeXt).
+
+    Returns:
+        A dict ``torch.save`` can write; tensors are detached CPU copies.
+    """
+    layout = _layout(model)
+    format = format or layout.name
+    if format not in FORMATS:
+        raise ValueError(f"unknown official format {format!r}; choose one of: {', '.join(FORMATS)}")
+    state: Dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        official = layout.official_key(key)
+        state[official] = value.detach().cpu().clone().reshape(layout.official_shape(official, value.shape))
+    if format == ODCONV:
+        return {"state_dict": {_DDP_PREFIX + k: v for k, v in state.items()}}
+    if format == KW:
+        return {"model": state}
+    return state
+
+
+__all__ = ["FORMATS", "ImportReport", "export_official", "import_official", "official_names"]

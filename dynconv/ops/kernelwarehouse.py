@@ -1,0 +1,716 @@
+"""KernelWarehouse: kernel cells shared across layers through per-stage warehouses.
+
+Li, Yao, "KernelWarehouse: Rethinking the Design of Dynamic Convolution", ICML 2024,
+arXiv:2308.08361. Checked against the official code, OSVAI/KernelWarehouse
+(``modules/kernel_warehouse.py`` and ``models/kw_*.py``), whose behaviour this module reproduces:
+
+- every KW layer's static kernel is cut into ``m`` cells of shape ``(c_out, c_in, 1, 1)``; the cell
+  shape of a warehouse comes from the gcd of its layers' channel counts times the in/out ratios,
+  and the warehouse holds ``n = int(cell_num_ratio * sum m)`` cells;
+- the attention (``fc1 -> norm1 -> ReLU -> fc2`` on the pooled input, hidden width
+  ``max(int(C_in * reduction), 16)``) gives ``n + 1`` logits per cell of the layer (the last one
+  belongs to an implicit zero cell) and the contrasting-driven attention function
+  ``(1 - tau) * z / (sum |z| + 1e-3) + tau * beta`` turns them into (possibly negative) weights;
+- cells are assembled into the kernel in the official order (spatial position slowest, then output
+  block, then input block), which is what official checkpoints need;
+- layers take contiguous cell slices of their warehouse in ``model.modules()`` order; each slice is
+  kaiming(fan_out) initialised and fixes the binary ``beta`` that makes the network at ``tau = 1``
+  an ordinary static CNN (``tau`` goes 1 -> 0 over the first epochs, see
+  :func:`dynconv.schedules.warehouse_mixing`; a fresh model evaluates with ``tau = 0``);
+- which layers are KW and which warehouse each one uses (hand-over of a stage's first block to the
+  previous warehouse, strided-only ResNet downsample, the hand-built 1/2x MobileNetV2) follow the
+  official model files, see :func:`convert_kernelwarehouse`.
+
+Departures, none of which changes parameters, state-dict keys or outputs: ``sharing_range`` given
+as a string (``"layer_conv"``) is read as the tuple it means (the official manager iterates its
+characters, which happens to give the same grouping); beta is a non-persistent buffer rather than
+a plain tensor; the attention BatchNorm is batch-1 safe; layers hold their manager in a one-element
+list (as the official code does) while the manager is registered once, at the model root.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..backbones import CONVNEXT, GENERIC, MOBILENETV2, RESNET, ConvSite, get_submodule, set_submodule
+from ..schedules import warehouse_mixing
+from ._base import DynamicConv2dBase, IntOrPair, Padding
+from ._norm import SafeBatchNorm1d
+from ._routing import TemperatureScheduled, global_pool
+from .functional import mix_kernels, per_sample_conv2d
+
+__all__ = [
+    "KW_OPTIONS",
+    "KWAttention",
+    "KWConv2d",
+    "KWLinear",
+    "WarehouseManager",
+    "convert_kernelwarehouse",
+]
+
+Ratio = Union[float, Sequence[float]]
+
+# Options of convert_kernelwarehouse (dynconv.models splits create_model overrides with it).
+KW_OPTIONS: Tuple[str, ...] = (
+    "cell_num_ratio",
+    "cell_inplane_ratio",
+    "cell_outplane_ratio",
+    "reduction",
+    "sharing_range",
+    "nonlocal_basis_ratio",
+    "mixing_epochs",
+    "attention_norm",
+    "plan",
+)
+
+_PLANS = ("mobilenetv2_1d2x",)
+_NORMS = ("batch", "layer")
+
+# kw1d2x_mobilenetv2 hard-codes these (models/kw1d2x_mobilenetv2.py), one entry per warehouse in
+# creation order: stem, dw stages 1-5, stage-6 pw expansion, stage-6 dw, stage-6 pw projection
+# (+ final 1x1), classifier.
+_MBV2_1D2X = dict(
+    reduction=0.03125,
+    cell_num_ratio=(1, 1, 1, 1, 1, 1, 0.5, 1, 0.5, 0.5),
+    cell_inplane_ratio=(1, 1, 1, 1, 1, 1, 0.5, 1, 0.5, 0.025),
+    cell_outplane_ratio=(1, 1, 1, 1, 1, 1, 0.5, 1, 0.5, 1),
+    sharing_range=("layer",),
+)
+_MBV2_STAGES = (1, 2, 3, 4, 5, 6, 6)  # KW stage of each of timm's seven MobileNetV2 block groups
+
+
+def _sharing_tuple(value: Union[None, str, Sequence[str]]) -> Tuple[str, ...]:
+    """``"layer_conv"`` (the official JSON configs' spelling) and ``("layer", "conv")`` mean the same."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(part for part in value.split("_") if part)
+    return tuple(value)
+
+
+def _per_warehouse(value: Any, count: int, option: str) -> List[Any]:
+    if isinstance(value, (tuple, list)):
+        if len(value) == 1:
+            return list(value) * count
+        if len(value) == count:
+            return list(value)
+        raise ValueError(f"KernelWarehouse option {option!r} has {len(value)} entries for {count} warehouses")
+    return [value] * count
+
+
+class KWAttention(TemperatureScheduled):
+    """Per-sample attention of one KW layer over the ``n`` cells of its warehouse (plus the zero cell).
+
+    ``forward`` returns ``(B * m, n)``: row ``b * m + j`` weights the cells for mixture ``j`` of
+    sample ``b``. The scheduled value is ``tau`` of the contrasting-driven attention function.
+
+    Args:
+        in_channels: channels of the layer input.
+        num_cells: ``n``, cells in the warehouse.
+        num_mixtures: ``m``, cells of this layer's kernel.
+        reduction: hidden width ``max(int(in_channels * reduction), 16)``.
+        norm: ``"batch"`` (BatchNorm1d, fc1 without bias) or ``"layer"`` (LayerNorm, fc1 with bias; ConvNeXt).
+        cell_num_ratio: the warehouse budget; sets how many cells belong to this layer.
+        nonlocal_basis_ratio: below 1, logits of the other layers' cells come from a smaller basis.
+        start_cell: first cell of this layer's slice in the warehouse.
+        schedule: tau as a function of epochs (1 -> 0 over 20 epochs).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_cells: int,
+        num_mixtures: int,
+        reduction: float = 0.0625,
+        norm: str = "batch",
+        cell_num_ratio: float = 1.0,
+        nonlocal_basis_ratio: float = 1.0,
+        start_cell: int = 0,
+        schedule=None,
+    ) -> None:
+        super().__init__(schedule or warehouse_mixing())
+        if norm not in _NORMS:
+            raise ValueError(f"attention_norm must be one of {_NORMS}, got {norm!r}")
+        hidden = max(int(in_channels * reduction), 16)
+        self.num_cells = num_cells
+        self.num_mixtures = num_mixtures
+        self.start_cell = start_cell
+        self.fc1 = nn.Linear(in_channels, hidden, bias=norm != "batch")
+        self.norm1 = SafeBatchNorm1d(hidden) if norm == "batch" else nn.LayerNorm(hidden)
+        self.act1 = nn.ReLU(inplace=True)
+        columns = num_cells + 1
+        if nonlocal_basis_ratio >= 1.0:
+            self.num_local_cells = self.num_basis = 0
+            self.fc2 = nn.Linear(hidden, columns * num_mixtures)
+            self.fc3 = None
+            self.basis_bias = None
+        else:
+            self.num_local_cells = int(cell_num_ratio * num_mixtures)
+            num_nonlocal = num_cells - self.num_local_cells
+            self.num_basis = max(int(num_nonlocal * nonlocal_basis_ratio), 16)
+            self.fc2 = nn.Linear(hidden, (self.num_local_cells + self.num_basis + 1) * num_mixtures, bias=False)
+            self.fc3 = nn.Linear(self.num_basis, num_nonlocal, bias=False)
+            self.basis_bias = nn.Parameter(torch.zeros(columns * num_mixtures))
+        # beta: 1 on the cell each mixture equals at tau = 1 (set by assign_cells), in fc2's column layout.
+        self.register_buffer("temp_bias", torch.zeros(num_mixtures, columns), persistent=False)
+        for m in (self.fc1, self.fc2, self.fc3):
+            if m is not None:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    @torch.no_grad()
+    def assign_cells(self, start: int, cell_num_ratio: float) -> int:
+        """Set beta from the layer's slice starting at ``start``; returns the end of the slice.
+
+        Budget ``r >= 1``: mixture ``j`` owns cell ``start + j * r`` (the slice has ``m * r`` cells).
+        Budget ``< 1`` (``k = int(1 / r)`` mixtures per cell): mixture ``j`` owns a fresh cell when
+        ``j % k == (j // k) % k`` and the zero cell otherwise.
+        """
+        columns = []
+        if cell_num_ratio >= 1.0:
+            step = int(cell_num_ratio)
+            columns = [start + j * step for j in range(self.num_mixtures)]
+            end = start + self.num_mixtures * step
+        else:
+            per_cell = int(1.0 / cell_num_ratio)
+            end = start
+            for j in range(self.num_mixtures):
+                if j % per_cell == (j // per_cell) % per_cell:
+                    columns.append(end)
+                    end += 1
+                else:
+                    columns.append(self.num_cells)  # the zero cell
+        self.temp_bias.zero_()
+        rows = torch.arange(self.num_mixtures, device=self.temp_bias.device)
+        self.temp_bias[rows, torch.tensor(columns, device=self.temp_bias.device)] = 1.0
+        return end
+
+    def _expand_basis(self, logits: torch.Tensor) -> torch.Tensor:
+        rows = logits.reshape(-1, self.num_local_cells + self.num_basis + 1)
+        local = rows[:, : self.num_local_cells]
+        nonlocal_ = self.fc3(rows[:, self.num_local_cells : -1])
+        s = self.start_cell
+        full = torch.cat([nonlocal_[:, :s], local, nonlocal_[:, s:], rows[:, -1:]], dim=1)
+        return full.reshape(logits.shape[0], -1) + self.basis_bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act1(self.norm1(self.fc1(global_pool(x).flatten(1))))
+        logits = self.fc2(h)
+        if self.fc3 is not None:
+            logits = self._expand_basis(logits)
+        z = logits.reshape(-1, self.num_mixtures, self.num_cells + 1)
+        z = z / (z.abs().sum(dim=2, keepdim=True) + 1e-3)
+        tau = self.temperature
+        alpha = (1.0 - tau) * z + tau * self.temp_bias
+        return alpha[..., :-1].reshape(-1, self.num_cells)
+
+
+class WarehouseManager(nn.Module):
+    """Creates the warehouses of a network and hands their cells to the KW layers.
+
+    Use: build the KW layers with ``warehouse_manager=manager`` and a ``warehouse_name``
+    (``"stage{S}_layer{L}_conv{C}"``; names equal after :meth:`fuse_name` share a warehouse), register
+    the manager once on the network (``network.warehouse_manager = manager``), then call
+    :meth:`store` and :meth:`allocate`. The cell banks are ``self.weights[i]``
+    (``warehouse_manager.weights.{i}`` in the state dict, as in the official checkpoints).
+
+    Every ratio option is a scalar or a tuple with one entry per warehouse in creation order.
+
+    Args:
+        reduction: attention hidden width ratio (1/16).
+        cell_num_ratio: cells in a warehouse / cells its layers are cut into (the budget ``b``).
+        cell_inplane_ratio, cell_outplane_ratio: cell channels / gcd of the layers' channels.
+        sharing_range: name parts that are fused (``("layer", "conv")``: one warehouse per stage).
+        nonlocal_basis_ratio: below 1, enables the attention's non-local basis.
+        attention_norm: ``"batch"`` or ``"layer"``.
+        mixing_epochs: epochs over which tau goes 1 -> 0.
+    """
+
+    def __init__(
+        self,
+        reduction: Ratio = 0.0625,
+        cell_num_ratio: Ratio = 1,
+        cell_inplane_ratio: Ratio = 1,
+        cell_outplane_ratio: Ratio = 1,
+        sharing_range: Union[None, str, Sequence[str]] = (),
+        nonlocal_basis_ratio: Ratio = 1.0,
+        attention_norm: str = "batch",
+        mixing_epochs: float = 20.0,
+    ) -> None:
+        super().__init__()
+        if attention_norm not in _NORMS:
+            raise ValueError(f"attention_norm must be one of {_NORMS}, got {attention_norm!r}")
+        self.reduction = reduction
+        self.cell_num_ratio = cell_num_ratio
+        self.cell_inplane_ratio = cell_inplane_ratio
+        self.cell_outplane_ratio = cell_outplane_ratio
+        self.sharing_range = _sharing_tuple(sharing_range)
+        self.nonlocal_basis_ratio = nonlocal_basis_ratio
+        self.attention_norm = attention_norm
+        self.mixing_epochs = mixing_epochs
+        # fused name -> [(C_out, C_in / groups, kernel dims, device, dtype)], in reservation order.
+        self._reserved: Dict[str, List[tuple]] = {}
+        self.cell_shapes: List[Tuple[int, int]] = []
+        self.weights = nn.ParameterList()
+        self.allocated = False
+
+    @property
+    def warehouse_names(self) -> List[str]:
+        return list(self._reserved)
+
+    def fuse_name(self, name: str) -> str:
+        """``stage2_layer1_conv0`` -> ``stage2_layer_conv`` for ``sharing_range=("layer", "conv")``."""
+        parts = []
+        for part in name.split("_"):
+            for shared in self.sharing_range:
+                if part.startswith(shared):
+                    part = shared
+            parts.append(part)
+        return "_".join(parts)
+
+    def reserve(self, layer: "KWConv2d", warehouse_name: str) -> int:
+        """Record ``layer``'s kernel shape under its (fused) warehouse; returns the warehouse index."""
+        if len(self.weights):
+            raise RuntimeError("WarehouseManager.store() already ran; layers must be reserved before it")
+        name = self.fuse_name(warehouse_name)
+        shape = (layer.out_channels, layer.in_channels // layer.groups, tuple(layer.kernel_size))
+        self._reserved.setdefault(name, []).append(shape + (layer.cell_ndim, layer._factory))
+        return list(self._reserved).index(name)
+
+    def store(self) -> None:
+        """Create one cell bank per warehouse (cell shape from gcds, size from the budget)."""
+        if len(self.weights):
+            raise RuntimeError("WarehouseManager.store() already ran")
+        count = len(self._reserved)
+        ratios = {
+            key: _per_warehouse(getattr(self, key), count, key)
+            for key in ("cell_num_ratio", "cell_inplane_ratio", "cell_outplane_ratio")
+        }
+        for idx, (name, layers) in enumerate(self._reserved.items()):
+            gcd_out = gcd_in = 0
+            for c_out, c_in, *_ in layers:
+                gcd_out, gcd_in = math.gcd(gcd_out, c_out), math.gcd(gcd_in, c_in)
+            cell_out = max(int(gcd_out * ratios["cell_outplane_ratio"][idx]), 1)
+            cell_in = max(int(gcd_in * ratios["cell_inplane_ratio"][idx]), 1)
+            mixtures = 0
+            for c_out, c_in, kernel, *_ in layers:
+                if c_out % cell_out or c_in % cell_in:
+                    raise ValueError(
+                        f"warehouse {name!r}: cell {cell_out}x{cell_in} does not tile a {c_out}x{c_in} kernel; "
+                        "use cell_inplane_ratio / cell_outplane_ratio that divide the channel gcd"
+                    )
+                mixtures += (c_out // cell_out) * (c_in // cell_in) * math.prod(kernel)
+            cells = max(int(mixtures * ratios["cell_num_ratio"][idx]), 1)
+            ndim, (device, dtype) = layers[0][3], layers[0][4]
+            # Every cell is initialised by allocate() (its coverage check guarantees it), so no randn here.
+            bank = torch.empty(cells, cell_out, cell_in, *([1] * ndim), device=device, dtype=dtype)
+            self.weights.append(nn.Parameter(bank))
+            self.cell_shapes.append((cell_out, cell_in))
+
+    def take_cell(self, idx: int) -> torch.Tensor:
+        """The cell bank of warehouse ``idx``, ``(n, c_out, c_in, 1, ...)``."""
+        return self.weights[idx]
+
+    @torch.no_grad()
+    def allocate(self, network: nn.Module) -> None:
+        """Give each KW layer of ``network`` (in ``network.modules()`` order) a contiguous slice of its
+        warehouse, build its attention and initialise its cells (kaiming fan_out on the slice)."""
+        if not len(self.weights) and self._reserved:
+            raise RuntimeError("call WarehouseManager.store() before allocate()")
+        count = len(self.weights)
+        per = {
+            key: _per_warehouse(getattr(self, key), count, key)
+            for key in ("reduction", "cell_num_ratio", "nonlocal_basis_ratio")
+        }
+        ends = [0] * count
+        for layer in network.modules():
+            if isinstance(layer, KWConv2d) and layer.warehouse_manager_ref is self:
+                idx = layer.warehouse_id
+                start = ends[idx]
+                end = layer._attach(
+                    self.weights[idx],
+                    start,
+                    reduction=per["reduction"][idx],
+                    cell_num_ratio=per["cell_num_ratio"][idx],
+                    nonlocal_basis_ratio=per["nonlocal_basis_ratio"][idx],
+                    norm=self.attention_norm,
+                    schedule=warehouse_mixing(self.mixing_epochs),
+                )
+                bank = self.weights[idx]
+                if end > bank.shape[0]:
+                    raise RuntimeError(f"warehouse {self.warehouse_names[idx]!r} has {bank.shape[0]} cells, "
+                                       f"its layers need more ({end} so far)")
+                if end > start:
+                    nn.init.kaiming_normal_(bank[start:end].view(-1, *bank.shape[2:]), mode="fan_out",
+                                            nonlinearity="relu")
+                ends[idx] = end
+        for idx, end in enumerate(ends):
+            if end != self.weights[idx].shape[0]:
+                raise RuntimeError(
+                    f"warehouse {self.warehouse_names[idx]!r}: its layers in this network take {end} cells but it "
+                    f"holds {self.weights[idx].shape[0]} (is every reserved layer part of the network? cell_num_ratio "
+                    "must be an integer or 1/integer)"
+                )
+        self.allocated = True
+
+    def forward(self, x: Any) -> Any:
+        """Identity: the manager only holds cells, but as the last child of an ``nn.Sequential``
+        model it is called with the model's output and must hand it on unchanged."""
+        return x
+
+    def extra_repr(self) -> str:
+        rows = [f"{name}: {tuple(w.shape)}" for name, w in zip(self.warehouse_names, self.weights)]
+        return "\n".join(rows)
+
+
+class KWConv2d(DynamicConv2dBase):
+    """Drop-in ``nn.Conv2d`` whose kernel is assembled from warehouse cells with per-sample attention.
+
+    With ``warehouse_manager`` the layer joins that manager's warehouse ``warehouse_name`` and is
+    ready once the manager ran ``store()`` and ``allocate(network)``. Without it the layer owns a
+    private single-layer warehouse (``self.warehouse_manager``) built from the ratio options below
+    and is ready at once.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as ``nn.Conv2d``
+            (the bias is static and starts at zero, as in the official code).
+        warehouse_manager: a shared :class:`WarehouseManager`, or ``None`` for a private warehouse.
+        warehouse_name: name of the warehouse to join (shared manager only).
+        reduction, cell_num_ratio, cell_inplane_ratio, cell_outplane_ratio, nonlocal_basis_ratio,
+            attention_norm, mixing_epochs: options of the private warehouse (see :class:`WarehouseManager`).
+        device, dtype: as ``nn.Conv2d``.
+    """
+
+    cell_ndim = 2  # trailing dims of a cell in the bank; the official banks of linear layers have one
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntOrPair,
+        stride: IntOrPair = 1,
+        padding: Padding = 0,
+        dilation: IntOrPair = 1,
+        groups: int = 1,
+        bias: bool = True,
+        warehouse_manager: Optional[WarehouseManager] = None,
+        warehouse_name: str = "default",
+        reduction: float = 0.0625,
+        cell_num_ratio: float = 1,
+        cell_inplane_ratio: float = 1,
+        cell_outplane_ratio: float = 1,
+        nonlocal_basis_ratio: float = 1.0,
+        attention_norm: str = "batch",
+        mixing_epochs: float = 20.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
+        self._factory = (device, dtype if dtype is not None else torch.get_default_dtype())
+        self.bias = nn.Parameter(torch.zeros(out_channels, device=device, dtype=dtype)) if bias else None
+        self.attention: Optional[KWAttention] = None
+        self.cell_range: Tuple[int, int] = (0, 0)
+        private = warehouse_manager is None
+        if private:
+            warehouse_manager = WarehouseManager(
+                reduction, cell_num_ratio, cell_inplane_ratio, cell_outplane_ratio, (),
+                nonlocal_basis_ratio, attention_norm, mixing_epochs,
+            )
+        # A list, so the shared manager is not registered (and saved) once per layer.
+        self._manager = [warehouse_manager]
+        self.warehouse_id = warehouse_manager.reserve(self, warehouse_name)
+        if private:
+            self.warehouse_manager = warehouse_manager
+            warehouse_manager.store()
+            warehouse_manager.allocate(self)
+
+    @property
+    def warehouse_manager_ref(self) -> WarehouseManager:
+        return self._manager[0]
+
+    def _attach(self, bank: torch.Tensor, start: int, *, reduction, cell_num_ratio, nonlocal_basis_ratio,
+                norm, schedule) -> int:
+        """Build the attention for cells ``[start, end)`` of ``bank``; returns ``end``."""
+        cell_out, cell_in = bank.shape[1], bank.shape[2]
+        self.blocks_out = self.out_channels // cell_out
+        self.blocks_in = self.in_channels // self.groups // cell_in
+        self.blocks_spatial = math.prod(self.kernel_size)
+        self.num_mixtures = self.blocks_out * self.blocks_in * self.blocks_spatial
+        self.attention = KWAttention(
+            self.in_channels, bank.shape[0], self.num_mixtures, reduction, norm, cell_num_ratio,
+            nonlocal_basis_ratio, start, schedule,
+        ).to(device=bank.device, dtype=bank.dtype)
+        end = self.attention.assign_cells(start, cell_num_ratio)
+        self.cell_range = (start, end)
+        return end
+
+    def kernel(self, attention: torch.Tensor) -> torch.Tensor:
+        """Per-sample kernels ``(B, C_out, C_in / g, kh, kw)`` from ``(B * m, n)`` attention.
+
+        Mixture ``j = s * (G_out * G_in) + o * G_in + i`` fills output block ``o``, input block ``i``
+        at spatial tap ``s`` (the official layout).
+        """
+        bank = self.warehouse_manager_ref.take_cell(self.warehouse_id)
+        cells = mix_kernels(attention, bank)
+        c_out, c_in = bank.shape[1], bank.shape[2]
+        batch = attention.shape[0] // self.num_mixtures
+        cells = cells.reshape(batch, self.blocks_spatial, self.blocks_out, self.blocks_in, c_out, c_in)
+        cells = cells.permute(0, 2, 4, 3, 5, 1)
+        return cells.reshape(batch, self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.attention is None:
+            raise RuntimeError(
+                "KWConv2d has no cells yet: its WarehouseManager must run store() and allocate(model) "
+                "(dynconv.convert does this)"
+            )
+        weight = self.kernel(self.attention(x))
+        return per_sample_conv2d(x, weight, self.bias, **self._conv_kwargs())
+
+    def elementwise_macs(self, x: torch.Tensor, y: torch.Tensor) -> int:
+        """KW's work is the attention's linear layers and the one mixing matmul, both counted by the
+        FLOP counter; the attention normalisation is O(m n) divisions, not multiply-accumulates."""
+        return 0
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr() + f", warehouse={self.warehouse_id}"
+        if self.attention is not None:
+            s += f", cells={self.cell_range}, mixtures={self.num_mixtures}"
+        return s
+
+
+class _KWTokenConv(KWConv2d):
+    """The pointwise KW layer inside :class:`KWLinear`; its cells are stored 1-D like the official KWConv1d."""
+
+    cell_ndim = 1
+
+
+class KWLinear(nn.Module):
+    """``nn.Linear`` counterpart of :class:`KWConv2d` (the classifier of KW 1/2x MobileNetV2).
+
+    As in the official code the layer runs a pointwise KW conv over the tokens: ``(..., C_in)`` is
+    read as ``B`` samples of ``L`` tokens (every dim between the first and the last), the attention
+    pools over the tokens. Parameters sit under ``.conv`` (``classifier.conv.attention.fc1.weight``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, **kwargs: Any) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.conv = _KWTokenConv(in_features, out_features, 1, bias=bias, **kwargs)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs: Any) -> "KWLinear":
+        w = linear.weight
+        return cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                   device=w.device, dtype=w.dtype, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        tokens = x.reshape(shape[0], -1, shape[-1]).transpose(1, 2).unsqueeze(-1)  # (B, C_in, L, 1)
+        y = self.conv(tokens).squeeze(-1).transpose(1, 2)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Surgery plans: which sites become KW and in which warehouse, per backbone (models/kw_*.py).
+# A plan is a list of (site name, warehouse name, "conv" | "linear") in the official construction
+# order, which fixes the warehouse creation order (and so the index in warehouse_manager.weights).
+# ----------------------------------------------------------------------------------------------
+
+PlanEntry = Tuple[str, str, str]
+
+
+def _resnet_plan(model: nn.Module, sites: List[ConvSite]) -> List[PlanEntry]:
+    bottleneck = {(s.stage, s.block) for s in sites if s.role == "block" and s.position == 2}
+    blocks_per_stage = {}
+    for s in sites:
+        if s.role in ("block", "downsample"):
+            blocks_per_stage[s.stage] = max(blocks_per_stage.get(s.stage, 0), s.block + 1)
+    entries = []
+    for s in sites:
+        if s.role not in ("block", "downsample"):
+            continue
+        # The official _make_layer's running block index: blocks of the previous stage at a hand-over.
+        carried = blocks_per_stage.get(s.stage - 1, 0)
+        if s.role == "downsample":
+            conv = get_submodule(model, s.name)
+            if max(conv.stride) == 1:
+                continue  # KW_ResNet reserves it with enabled=(stride != 1)
+            name = f"stage{s.stage - 1}_layer{carried + 1}_conv0"
+            order = (s.stage, s.block, 0, 0)  # reserved before the block it belongs to
+        else:
+            handover = s.block == 0
+            if s.position == 0:
+                stage = s.stage - 1 if handover else s.stage
+                if (s.stage, s.block) not in bottleneck:
+                    stage = max(stage, 0)  # BasicBlock: layer1.0.conv1 stays in stage 0
+                elif stage < 0:
+                    continue  # Bottleneck: layer1.0.conv1 is a plain conv
+                name = f"stage{stage}_layer{carried if handover else s.block}_conv0"
+            else:
+                name = f"stage{s.stage}_layer{0 if handover else s.block}_conv{s.position}"
+            order = (s.stage, s.block, 1, s.position)
+        entries.append((order, (s.name, name, "conv")))
+    return [entry for _, entry in sorted(entries, key=lambda e: e[0])]
+
+
+def _mobilenetv2_plan(model: nn.Module, sites: List[ConvSite], half: bool) -> List[PlanEntry]:
+    groups = len(model.blocks)
+    kw_stage = list(_MBV2_STAGES) if groups == len(_MBV2_STAGES) else list(range(1, groups + 1))
+    suffix = {"pw_expand": "pwconv0", "dw": "dwconv0", "pw_project": "pwconv1"}
+    # Block names of the official constructor: stage index (hand-over blocks use the previous one)
+    # and the running layer index, reset after each hand-over block.
+    block_names, layer_idx = {}, 0
+    for g, stage in enumerate(model.blocks):
+        for b in range(len(stage)):
+            handover = b == 0 and g > 0 and kw_stage[g] != kw_stage[g - 1]
+            block_names[(g, b)] = (kw_stage[g] - 1 if handover else kw_stage[g], layer_idx)
+            layer_idx = 0 if handover else layer_idx + 1
+    entries = []
+    for s in sites:
+        if s.role == "stem":
+            entries.append((s.name, "stage0_conv0", "conv"))
+        elif s.role in suffix:
+            stage, layer = block_names[(s.stage, s.block)]
+            if half and s.role != "dw" and stage != kw_stage[-1]:
+                continue  # kw1d2x: pointwise convs are KW only in the last stage
+            entries.append((s.name, f"stage{stage}_layer{layer}_{suffix[s.role]}", "conv"))
+        elif s.role == "head":
+            entries.append((s.name, f"stage{kw_stage[-1]}_layer{layer_idx}_pwconv1", "conv"))
+        elif s.role == "classifier" and half:
+            entries.append((s.name, "classifier", "linear"))
+    return entries
+
+
+def _convnext_plan(model: nn.Module, sites: List[ConvSite]) -> List[PlanEntry]:
+    # KW_ConvNeXt builds the stem and the three downsample convs before any block.
+    pw_index = {1: 1, 2: 2}
+    early, blocks = [], []
+    for s in sites:
+        module = get_submodule(model, s.name)
+        kind = "linear" if isinstance(module, nn.Linear) else "conv"
+        if s.role == "stem":
+            early.append((s.name, "stagestem_conv0", kind))
+        elif s.role == "downsample":
+            early.append((s.name, f"stage{s.stage - 1}_layerds_conv0", kind))
+        elif s.role == "dw":
+            blocks.append((s.name, f"stage{s.stage}_layer{s.block}_dwconv0", kind))
+        elif s.role == "pw":
+            blocks.append((s.name, f"stage{s.stage}_layer{s.block}_pwconv{pw_index[s.position]}", kind))
+    return early + blocks
+
+
+def _generic_plan(model: nn.Module, sites: List[ConvSite]) -> List[PlanEntry]:
+    """Every conv but the stem; one warehouse per (stage by cumulative stride, depthwise or not)."""
+    entries, counters = [], {}
+    for s in sites:
+        if s.role != "conv":
+            continue
+        conv = get_submodule(model, s.name)
+        depthwise = conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+        key = (s.stage, depthwise)
+        layer = counters[key] = counters.get(key, -1) + 1
+        kind = "dwconv0" if depthwise else "conv0"
+        entries.append((s.name, f"stage{s.stage}_layer{layer}_{kind}", "conv"))
+    return entries
+
+
+_DEFAULT_SHARING = {
+    RESNET: ("layer", "conv"),
+    MOBILENETV2: ("layer", "pwconv"),
+    CONVNEXT: ("layer", "pwconv"),
+    GENERIC: ("layer", "conv"),
+}
+
+
+def convert_kernelwarehouse(
+    model: nn.Module,
+    sites: List[ConvSite],
+    backbone: str,
+    cell_num_ratio: Ratio = 1,
+    cell_inplane_ratio: Ratio = 1,
+    cell_outplane_ratio: Ratio = 1,
+    reduction: Ratio = 0.0625,
+    sharing_range: Union[None, str, Sequence[str]] = None,
+    nonlocal_basis_ratio: Ratio = 1.0,
+    mixing_epochs: float = 20.0,
+    attention_norm: Optional[str] = None,
+    plan: Optional[str] = None,
+) -> List[Tuple[str, str]]:
+    """Replace ``model``'s convolutions by KW layers as the official ``kw_*`` models place them.
+
+    - ResNet: every block conv; a stage's first block hands its first conv over to the previous
+      stage's warehouse (Bottleneck ``layer1.0.conv1`` stays plain); the downsample 1x1 only when
+      strided, in the previous stage's warehouse; stem and fc plain. One warehouse per stage.
+    - MobileNetV2: every conv including the stem and the final 1x1; block groups map to KW stages
+      1,2,3,4,5,6,6 with hand-over; ``sharing_range`` ``("layer", "pwconv")`` (1x) puts expansion and
+      projection in one warehouse per stage, ``("layer",)`` (4x) keeps them apart.
+      ``plan="mobilenetv2_1d2x"`` is the hand-built 1/2x model: pointwise convs KW only in stage 6,
+      a KW classifier, and its own per-warehouse ratios (these replace the ratio options).
+    - ConvNeXt: stem, the three downsample convs, per stage one depthwise and one pointwise warehouse
+      (pointwise layers are 1x1 convs with ``conv_mlp=True``); LayerNorm in the attention.
+    - Any other CNN: every conv but the first, one warehouse per (stage, depthwise or not).
+
+    The manager is registered as ``model.warehouse_manager``. Returns ``(path, type name)`` per new layer.
+    """
+    if plan is not None and plan not in _PLANS:
+        raise ValueError(f"unknown KernelWarehouse plan {plan!r}; choose one of {_PLANS}")
+    if plan == "mobilenetv2_1d2x" and backbone != MOBILENETV2:
+        raise ValueError(f"plan 'mobilenetv2_1d2x' needs a MobileNetV2 backbone, got {backbone!r}")
+    if isinstance(getattr(model, "warehouse_manager", None), WarehouseManager):
+        raise ValueError("model already has a KernelWarehouse manager; build a fresh model")
+
+    options = dict(
+        reduction=reduction,
+        cell_num_ratio=cell_num_ratio,
+        cell_inplane_ratio=cell_inplane_ratio,
+        cell_outplane_ratio=cell_outplane_ratio,
+        sharing_range=_DEFAULT_SHARING[backbone] if sharing_range is None else sharing_range,
+        nonlocal_basis_ratio=nonlocal_basis_ratio,
+    )
+    if backbone == RESNET:
+        entries = _resnet_plan(model, sites)
+    elif backbone == MOBILENETV2:
+        entries = _mobilenetv2_plan(model, sites, half=plan == "mobilenetv2_1d2x")
+        if plan == "mobilenetv2_1d2x":
+            options.update(_MBV2_1D2X)
+    elif backbone == CONVNEXT:
+        entries = _convnext_plan(model, sites)
+    else:
+        entries = _generic_plan(model, sites)
+    if attention_norm is None:
+        attention_norm = "layer" if backbone == CONVNEXT else "batch"
+    if not entries:
+        return []
+
+    manager = WarehouseManager(**options, attention_norm=attention_norm, mixing_epochs=mixing_epochs)
+    replaced = []
+    for name, warehouse, kind in entries:
+        old = get_submodule(model, name)
+        if kind == "linear":
+            if not isinstance(old, nn.Linear):
+                raise TypeError(f"{name}: expected nn.Linear, found {type(old).__name__}")
+            new = KWLinear.from_linear(old, warehouse_manager=manager, warehouse_name=warehouse)
+        else:
+            if not isinstance(old, nn.Conv2d):
+                raise TypeError(f"{name}: expected nn.Conv2d, found {type(old).__name__}")
+            if old.padding_mode != "zeros":
+                raise ValueError(f"{name}: KWConv2d supports padding_mode='zeros' only, got {old.padding_mode!r}")
+            new = KWConv2d(
+                old.in_channels, old.out_channels, old.kernel_size, stride=old.stride, padding=old.padding,
+                dilation=old.dilation, groups=old.groups, bias=old.bias is not None, warehouse_manager=manager,
+                warehouse_name=warehouse, device=old.weight.device, dtype=old.weight.dtype,
+            )
+        set_submodule(model, name, new)
+        replaced.append((name, type(new).__name__))
+    model.warehouse_manager = manager
+    manager.store()
+    manager.allocate(model)
+    return replaced
