@@ -4,8 +4,9 @@ on timm backbones, with the papers' layer rules, schedules and parameter counts.
 Importing the package registers every (variant, arch) pair with timm (``odconv4x_resnet18``).
 """
 from . import _timm  # noqa: F401  (registers the timm entrypoints)
-from .accounting import count_macs, count_params
+from .accounting import count_macs, count_params, macs_breakdown
 from .models import ARCHS, create_model, list_archs
+from .official import ImportReport, export_official, import_official
 from .registry import get_variant, list_convs
 from .schedules import set_progress
 from .surgery import ConvertReport, convert
@@ -15,12 +16,16 @@ __version__ = "0.1.0"
 __all__ = [
     "ARCHS",
     "ConvertReport",
+    "ImportReport",
     "convert",
     "count_macs",
     "count_params",
     "create_model",
+    "export_official",
     "get_variant",
+    "import_official",
     "list_archs",
     "list_convs",
+    "macs_breakdown",
     "set_progress",
 ]

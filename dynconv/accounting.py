@@ -10,11 +10,17 @@ BatchNorm, activations and pooling are not counted.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Dict, Sequence
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from .ops._base import DynamicConv2dBase
+
+# Where a dynamic layer's work goes; ``static`` is everything outside the dynamic layers.
+MAC_KINDS = ("static", "dynamic_conv", "attention", "aggregation", "scaling")
+_ATTENTION_CHILDREN = ("attention", "routing")
 
 
 def count_params(model: nn.Module) -> int:
@@ -22,15 +28,27 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.no_grad()
 def count_macs(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224)) -> int:
     """Multiply-accumulates of one eval-mode forward on an input of ``input_size``."""
+    return macs_breakdown(model, input_size)["total"]
+
+
+@torch.no_grad()
+def macs_breakdown(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224)) -> Dict[str, int]:
+    """MACs of one eval-mode forward, split by where they are spent.
+
+    Keys: ``static`` (every layer that is not dynamic), ``dynamic_conv`` (the per-sample
+    convolutions of the dynamic layers), ``attention`` (their attention / routing branches),
+    ``aggregation`` (mixing their kernel banks into per-sample kernels), ``scaling`` (ODConv's
+    input-channel and filter attentions applied to the feature maps) and ``total``.
+    """
     param = next(model.parameters())
     x = torch.randn(*input_size, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
-    extra = [0]
+    elementwise = {"aggregation": 0, "scaling": 0}
 
     def add_elementwise(module, inputs, output):
-        extra[0] += module.elementwise_macs(inputs[0], output)
+        for kind, macs in module.elementwise_macs(inputs[0], output).items():
+            elementwise[kind] += macs
 
     hooks = [m.register_forward_hook(add_elementwise) for m in model.modules() if hasattr(m, "elementwise_macs")]
     was_training = model.training
@@ -42,4 +60,26 @@ def count_macs(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224)) -
         model.train(was_training)
         for h in hooks:
             h.remove()
-    return counter.get_total_flops() // 2 + extra[0]
+
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    out = dict.fromkeys(MAC_KINDS, 0)
+    for name, module in model.named_modules():
+        if not isinstance(module, DynamicConv2dBase):
+            continue
+        for op, flops in counts.get(f"{root}.{name}", {}).items():
+            kind = "dynamic_conv" if op is torch.ops.aten.convolution else "aggregation"
+            out[kind] += flops // 2
+        for child in _ATTENTION_CHILDREN:
+            for op, flops in counts.get(f"{root}.{name}.{child}", {}).items():
+                out["attention"] += flops // 2
+                out["dynamic_conv" if op is torch.ops.aten.convolution else "aggregation"] -= flops // 2
+    out["aggregation"] += elementwise["aggregation"]
+    out["scaling"] = elementwise["scaling"]
+    total_counted = counter.get_total_flops() // 2
+    out["static"] = total_counted - sum(out[k] for k in ("dynamic_conv", "attention")) - (
+        out["aggregation"] - elementwise["aggregation"]
+    )
+    out["total"] = total_counted + elementwise["aggregation"] + elementwise["scaling"]
+    return out
+

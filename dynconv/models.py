@@ -82,6 +82,11 @@ def create_model(arch: str, conv: str = "static", num_classes: int = 1000, **ove
     conv_names = family_option_names(variant.family)
     conv_options = {k: v for k, v in overrides.items() if k in conv_names}
     timm_kwargs = {k: v for k, v in overrides.items() if k not in conv_names}
+    if arch.startswith("resnet"):
+        # The official ODConv and KernelWarehouse ResNets (and torchvision's) start every BatchNorm at
+        # weight 1; timm zero-initialises each block's last one, which would start every residual
+        # branch, dynamic layers included, at zero output and without attention gradients.
+        timm_kwargs.setdefault("zero_init_last", False)
     if arch.startswith("convnext") and variant.family != "static":
         # NCHW blocks with 1x1 convs instead of Linear in the MLP (same parameters), so the
         # pointwise layers can be dynamic and residual attention sees NCHW maps.

@@ -6,7 +6,7 @@ arXiv:2308.08361. Checked against the official code, OSVAI/KernelWarehouse
 
 - every KW layer's static kernel is cut into ``m`` cells of shape ``(c_out, c_in, 1, 1)``; the cell
   shape of a warehouse comes from the gcd of its layers' channel counts times the in/out ratios,
-  and the warehouse holds ``n = int(cell_num_ratio * sum m)`` cells;
+  and the warehouse holds ``n = int(cell_num_ratio * sum m)`` cells (see :func:`cells_taken`);
 - the attention (``fc1 -> norm1 -> ReLU -> fc2`` on the pooled input, hidden width
   ``max(int(C_in * reduction), 16)``) gives ``n + 1`` logits per cell of the layer (the last one
   belongs to an implicit zero cell) and the contrasting-driven attention function
@@ -48,6 +48,8 @@ __all__ = [
     "KWConv2d",
     "KWLinear",
     "WarehouseManager",
+    "cell_assignment",
+    "cells_taken",
     "convert_kernelwarehouse",
 ]
 
@@ -99,6 +101,42 @@ def _per_warehouse(value: Any, count: int, option: str) -> List[Any]:
             return list(value)
         raise ValueError(f"KernelWarehouse option {option!r} has {len(value)} entries for {count} warehouses")
     return [value] * count
+
+
+def cell_assignment(num_mixtures: int, cell_num_ratio: float) -> List[Optional[int]]:
+    """The cell (offset in the layer's slice) each mixture equals at ``tau = 1``; ``None``: the zero cell.
+
+    Budget ``r >= 1`` (an integer): mixture ``j`` owns cell ``j * r``. Budget ``r < 1`` (``k = int(1 / r)``
+    mixtures per cell): mixture ``j`` owns the next fresh cell when ``j % k == (j // k) % k``, else the
+    zero cell (official ``Warehouse_Manager.allocate``).
+    """
+    if cell_num_ratio >= 1.0:
+        if cell_num_ratio != int(cell_num_ratio):
+            raise ValueError(f"cell_num_ratio must be an integer or 1/integer, got {cell_num_ratio}")
+        return [j * int(cell_num_ratio) for j in range(num_mixtures)]
+    per_cell = int(round(1.0 / cell_num_ratio))
+    offsets: List[Optional[int]] = []
+    taken = 0
+    for j in range(num_mixtures):
+        if j % per_cell == (j // per_cell) % per_cell:
+            offsets.append(taken)
+            taken += 1
+        else:
+            offsets.append(None)
+    return offsets
+
+
+def cells_taken(num_mixtures: int, cell_num_ratio: float) -> int:
+    """Length of the slice :func:`cell_assignment` gives a layer of ``num_mixtures`` mixtures.
+
+    For every official model this sums to ``int(cell_num_ratio * sum m)`` over a warehouse (the
+    official allocate asserts it). Where ``m`` is not a multiple of ``1 / r`` (e.g. the 3-channel
+    MobileNetV2 stem at 1/4x, which the official code never builds) the rule hands out one more cell
+    than ``int(r * m)``; dynconv sizes the warehouse by this count instead of failing.
+    """
+    if cell_num_ratio >= 1.0:
+        return num_mixtures * int(cell_num_ratio)
+    return sum(o is not None for o in cell_assignment(num_mixtures, cell_num_ratio))
 
 
 class KWAttention(TemperatureScheduled):
@@ -164,30 +202,14 @@ class KWAttention(TemperatureScheduled):
 
     @torch.no_grad()
     def assign_cells(self, start: int, cell_num_ratio: float) -> int:
-        """Set beta from the layer's slice starting at ``start``; returns the end of the slice.
-
-        Budget ``r >= 1``: mixture ``j`` owns cell ``start + j * r`` (the slice has ``m * r`` cells).
-        Budget ``< 1`` (``k = int(1 / r)`` mixtures per cell): mixture ``j`` owns a fresh cell when
-        ``j % k == (j // k) % k`` and the zero cell otherwise.
-        """
-        columns = []
-        if cell_num_ratio >= 1.0:
-            step = int(cell_num_ratio)
-            columns = [start + j * step for j in range(self.num_mixtures)]
-            end = start + self.num_mixtures * step
-        else:
-            per_cell = int(1.0 / cell_num_ratio)
-            end = start
-            for j in range(self.num_mixtures):
-                if j % per_cell == (j // per_cell) % per_cell:
-                    columns.append(end)
-                    end += 1
-                else:
-                    columns.append(self.num_cells)  # the zero cell
+        """Set beta from the layer's slice starting at ``start`` (see :func:`cell_assignment`);
+        returns the end of the slice."""
+        offsets = cell_assignment(self.num_mixtures, cell_num_ratio)
+        columns = [self.num_cells if o is None else start + o for o in offsets]
         self.temp_bias.zero_()
         rows = torch.arange(self.num_mixtures, device=self.temp_bias.device)
         self.temp_bias[rows, torch.tensor(columns, device=self.temp_bias.device)] = 1.0
-        return end
+        return start + cells_taken(self.num_mixtures, cell_num_ratio)
 
     def _expand_basis(self, logits: torch.Tensor) -> torch.Tensor:
         rows = logits.reshape(-1, self.num_local_cells + self.num_basis + 1)
@@ -296,15 +318,16 @@ class WarehouseManager(nn.Module):
                 gcd_out, gcd_in = math.gcd(gcd_out, c_out), math.gcd(gcd_in, c_in)
             cell_out = max(int(gcd_out * ratios["cell_outplane_ratio"][idx]), 1)
             cell_in = max(int(gcd_in * ratios["cell_inplane_ratio"][idx]), 1)
-            mixtures = 0
+            cells = 0
             for c_out, c_in, kernel, *_ in layers:
                 if c_out % cell_out or c_in % cell_in:
                     raise ValueError(
                         f"warehouse {name!r}: cell {cell_out}x{cell_in} does not tile a {c_out}x{c_in} kernel; "
                         "use cell_inplane_ratio / cell_outplane_ratio that divide the channel gcd"
                     )
-                mixtures += (c_out // cell_out) * (c_in // cell_in) * math.prod(kernel)
-            cells = max(int(mixtures * ratios["cell_num_ratio"][idx]), 1)
+                layer_mixtures = (c_out // cell_out) * (c_in // cell_in) * math.prod(kernel)
+                cells += cells_taken(layer_mixtures, ratios["cell_num_ratio"][idx])
+            # Equals the official int(cell_num_ratio * mixtures) for every official model (see cells_taken).
             ndim, (device, dtype) = layers[0][3], layers[0][4]
             # Every cell is initialised by allocate() (its coverage check guarantees it), so no randn here.
             bank = torch.empty(cells, cell_out, cell_in, *([1] * ndim), device=device, dtype=dtype)
@@ -470,11 +493,6 @@ class KWConv2d(DynamicConv2dBase):
             )
         weight = self.kernel(self.attention(x))
         return per_sample_conv2d(x, weight, self.bias, **self._conv_kwargs())
-
-    def elementwise_macs(self, x: torch.Tensor, y: torch.Tensor) -> int:
-        """KW's work is the attention's linear layers and the one mixing matmul, both counted by the
-        FLOP counter; the attention normalisation is O(m n) divisions, not multiply-accumulates."""
-        return 0
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", warehouse={self.warehouse_id}"

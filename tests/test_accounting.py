@@ -1,0 +1,117 @@
+"""MAC counting: each layer type against its analytic formula, and the ODConv README's MAdds."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import dynconv
+from dynconv.ops import CondConv2d, DynamicConv2d, ODConv2d
+from dynconv.ops.kernelwarehouse import KWConv2d
+
+C_IN, C_OUT, K, HW = 16, 32, 3, 14
+KERNEL = C_OUT * C_IN * K * K
+CONV = KERNEL * HW * HW  # stride 1, padding 1: the output is HW x HW too
+
+
+def breakdown(layer: nn.Module, batch: int = 1) -> dict:
+    return dynconv.macs_breakdown(nn.Sequential(layer), (batch, C_IN, HW, HW))
+
+
+def expect(**parts) -> dict:
+    out = {**dict(static=0, dynamic_conv=CONV, attention=0, aggregation=0, scaling=0), **parts}
+    out["total"] = sum(out.values())
+    return out
+
+
+def test_static_conv():
+    got = breakdown(nn.Conv2d(C_IN, C_OUT, K, padding=1))
+    assert got == expect(static=CONV, dynamic_conv=0)
+
+
+def test_condconv():
+    # routing Linear C_in -> E; mixing E kernels and E biases.
+    got = breakdown(CondConv2d(C_IN, C_OUT, K, padding=1, num_experts=4))
+    assert got == expect(attention=C_IN * 4, aggregation=4 * KERNEL + 4 * C_OUT)
+
+
+def test_dyconv():
+    hidden = int(C_IN * 0.25) + 1
+    got = breakdown(DynamicConv2d(C_IN, C_OUT, K, padding=1, num_kernels=4))
+    assert got == expect(attention=C_IN * hidden + hidden * 4, aggregation=4 * KERNEL + 4 * C_OUT)
+
+
+def test_odconv_general_path():
+    a = 16  # max(int(16 / 16), 16)
+    heads = C_IN + C_OUT + K * K + 4
+    got = breakdown(ODConv2d(C_IN, C_OUT, K, padding=1, kernel_num=4, bias=False))
+    # spatial and kernel attention each multiply all 4 kernels; a_c scales the input, a_f the output.
+    assert got == expect(attention=C_IN * a + a * heads, aggregation=2 * 4 * KERNEL, scaling=(C_IN + C_OUT) * HW * HW)
+
+
+def test_odconv_pointwise_single_kernel_has_no_aggregation():
+    a = 16
+    got = breakdown(ODConv2d(C_IN, C_OUT, 1, kernel_num=1, bias=False))
+    pointwise = C_OUT * C_IN * HW * HW
+    assert got == expect(dynamic_conv=pointwise, attention=C_IN * a + a * (C_IN + C_OUT), scaling=(C_IN + C_OUT) * HW * HW)
+
+
+def test_kernelwarehouse():
+    layer = KWConv2d(C_IN, C_OUT, K, padding=1, bias=False)  # one 32x16 cell per tap: m = n = 9
+    m = n = K * K
+    got = breakdown(layer)
+    assert got == expect(attention=C_IN * 16 + 16 * (n + 1) * m, aggregation=m * n * C_OUT * C_IN)
+
+
+def test_counts_scale_with_the_batch():
+    layer = ODConv2d(C_IN, C_OUT, K, padding=1, kernel_num=4)
+    one, two = breakdown(layer, 1), breakdown(layer, 2)
+    assert {k: 2 * v for k, v in one.items()} == two
+    assert dynconv.count_macs(nn.Sequential(layer), (2, C_IN, HW, HW)) == two["total"]
+
+
+# ODConv README MAdds (algorithms.md §9.1), 224x224.
+README_MACS = [
+    ("resnet18", "static", 1.814e9),
+    ("resnet18", "odconv_1x", 1.838e9),
+    ("resnet18", "odconv_4x", 1.916e9),
+    ("mobilenetv2_100", "static", 300.8e6),
+    ("mobilenetv2_100", "odconv_1x", 311.8e6),
+    ("mobilenetv2_100", "odconv_4x", 327.1e6),
+]
+
+
+@pytest.mark.parametrize("arch,conv,madds", README_MACS)
+def test_within_two_percent_of_odconv_readme(arch, conv, madds):
+    got = dynconv.count_macs(dynconv.create_model(arch, conv))
+    assert abs(got - madds) / madds < 0.02, f"{got / 1e9:.4f}G vs README {madds / 1e9:.4f}G"
+
+
+def resnet_v1(arch: str) -> nn.Module:
+    """timm's ResNet with the stride of each stage on the first 1x1 conv (ResNet v1), not the 3x3."""
+    model = timm.create_model(arch)
+    for stage in (model.layer2, model.layer3, model.layer4):
+        block = stage[0]
+        block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
+    return model
+
+
+def test_readme_resnet50_madds_are_those_of_resnet_v1():
+    """The README's ResNet-50 3.858G (and ResNet-101 7.570G) are ResNet v1 counts: the official model
+    (and ours) put the stride on the 3x3 conv (v1.5, 4.089G). On the v1 layout our count is the
+    README's to 0.01%, and ODConv (4x) lands within 2% of its README figure."""
+    v15 = dynconv.count_macs(dynconv.create_model("resnet50"))
+    assert abs(v15 - 4.089e9) / 4.089e9 < 1e-3
+    v1 = resnet_v1("resnet50")
+    assert abs(dynconv.count_macs(v1) - 3.858e9) / 3.858e9 < 1e-4
+    dynconv.convert(v1, "odconv_4x")
+    assert abs(dynconv.count_macs(v1) - 4.080e9) / 4.080e9 < 0.02
+
+
+def test_breakdown_adds_up_and_count_macs_leaves_the_model_as_it_was():
+    model = dynconv.create_model("resnet18", "kw_1x").train()
+    parts = dynconv.macs_breakdown(model)
+    assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
+    assert parts["static"] > 0 and parts["aggregation"] > 0 and model.training
+    assert dynconv.count_macs(model) == parts["total"]
