@@ -6,11 +6,11 @@ actually run. The elementwise products of the dynamic layers (ODConv's attention
 input, the output and the kernels) are invisible to such counters (``reference/ecosystem.md`` §5.3),
 so each such layer reports them through ``elementwise_macs(x, y)`` and they are added here; kernel
 aggregation is counted as the paper's formula writes it (see ``ODConv2d.elementwise_macs``).
-BatchNorm, activations and pooling are not counted.
+BatchNorm, activations and pooling are not counted. :func:`macs_breakdown` says where the MACs go.
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Any, Dict, Sequence
 
 import torch
 from torch import nn
@@ -65,21 +65,24 @@ def macs_breakdown(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224
     root = type(model).__name__
     out = dict.fromkeys(MAC_KINDS, 0)
     for name, module in model.named_modules():
-        if not isinstance(module, DynamicConv2dBase):
-            continue
-        for op, flops in counts.get(f"{root}.{name}", {}).items():
-            kind = "dynamic_conv" if op is torch.ops.aten.convolution else "aggregation"
-            out[kind] += flops // 2
-        for child in _ATTENTION_CHILDREN:
-            for op, flops in counts.get(f"{root}.{name}.{child}", {}).items():
-                out["attention"] += flops // 2
-                out["dynamic_conv" if op is torch.ops.aten.convolution else "aggregation"] -= flops // 2
-    out["aggregation"] += elementwise["aggregation"]
-    out["scaling"] = elementwise["scaling"]
-    total_counted = counter.get_total_flops() // 2
-    out["static"] = total_counted - sum(out[k] for k in ("dynamic_conv", "attention")) - (
-        out["aggregation"] - elementwise["aggregation"]
-    )
-    out["total"] = total_counted + elementwise["aggregation"] + elementwise["scaling"]
+        if isinstance(module, DynamicConv2dBase):
+            for kind, macs in _counted_in_layer(counts, f"{root}.{name}").items():
+                out[kind] += macs
+    out["static"] = counter.get_total_flops() // 2 - sum(out.values())
+    for kind, macs in elementwise.items():
+        out[kind] += macs
+    out["total"] = sum(out.values())
     return out
 
+
+def _counted_in_layer(counts: Dict[str, Dict[Any, int]], path: str) -> Dict[str, int]:
+    """What the FLOP counter saw inside one dynamic layer: its convolutions, its attention branch,
+    and its matmuls (the kernel mixing)."""
+    out = {"dynamic_conv": 0, "attention": 0, "aggregation": 0}
+    for op, flops in counts.get(path, {}).items():
+        out["dynamic_conv" if op is torch.ops.aten.convolution else "aggregation"] += flops // 2
+    for child in _ATTENTION_CHILDREN:
+        for op, flops in counts.get(f"{path}.{child}", {}).items():
+            out["dynamic_conv" if op is torch.ops.aten.convolution else "aggregation"] -= flops // 2
+            out["attention"] += flops // 2
+    return out

@@ -75,8 +75,8 @@ def main() -> None:
         model = dynconv.create_model(args.arch, conv)
         params = dynconv.count_params(model) / 1e6
         macs = dynconv.count_macs(model) / 1e9
-        model.reset_classifier(10)
-        step_ms, loss = train_step_ms(model, args.batch, args.size, args.steps)
+        trainee = dynconv.create_model(args.arch, conv, num_classes=10)
+        step_ms, loss = train_step_ms(trainee, args.batch, args.size, args.steps)
         table.add_row(conv, f"{params:.2f}", ref.get("params_m", ""), delta(params, ref.get("params_m", "")),
                       f"{macs:.3f}", ref.get("madds_g", ""), delta(macs, ref.get("madds_g", "")),
                       f"{step_ms:.0f}", f"{loss:.3f}")
