@@ -20,7 +20,7 @@ from .ops._base import DynamicConv2dBase
 
 # Where a dynamic layer's work goes; ``static`` is everything outside the dynamic layers.
 MAC_KINDS = ("static", "dynamic_conv", "attention", "aggregation", "scaling")
-_ATTENTION_CHILDREN = ("attention", "routing")
+_ATTENTION_CHILDREN = ("attention", "routing", "fc", "fc_phi", "fc_scale")  # DCD: fc, fc_phi, fc_scale
 
 
 def count_params(model: nn.Module) -> int:

@@ -58,6 +58,11 @@ def family_option_names(family: str) -> set:
     from .ops.dyconv import DynamicConv2d
     from .ops.odconv import ODConv2d
 
+    if family == "dcd":
+        from .ops.dcd import DCDConv2d
+
+        conv_args = set(inspect.signature(nn.Conv2d.__init__).parameters)
+        return set(inspect.signature(DCDConv2d.__init__).parameters) - conv_args | {"fc_squeeze", "dynamic_classifier"}
     layer = {"condconv": CondConv2d, "dyconv": DynamicConv2d, "odconv": ODConv2d}.get(family)
     if layer is None:
         return set()

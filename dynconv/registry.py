@@ -12,7 +12,7 @@ class ConvVariant:
 
     Attributes:
         name: the public name, e.g. ``odconv_4x``.
-        family: ``static``, ``attention``, ``condconv``, ``dyconv``, ``odconv`` or ``kw``.
+        family: ``static``, ``attention``, ``condconv``, ``dyconv``, ``dcd``, ``odconv`` or ``kw``.
         options: the family options that define the variant (overridable per call).
         summary: one line for listings.
     """
@@ -42,6 +42,7 @@ _VARIANTS: Dict[str, ConvVariant] = {
         ConvVariant("eca", "attention", {"kind": "eca"}, "ECA 1-D channel attention on each residual branch"),
         ConvVariant("condconv_8x", "condconv", {"num_experts": 8}, "CondConv, 8 experts, sigmoid routing"),
         ConvVariant("dyconv_4x", "dyconv", {"num_kernels": 4}, "DY-Conv, 4 kernels, softmax attention"),
+        ConvVariant("dcd", "dcd", {}, "DCD, dynamic channel scaling plus a low-rank dynamic residual"),
         ConvVariant("odconv_1x", "odconv", {"kernel_num": 1}, "ODConv, 1 kernel, four attentions"),
         ConvVariant("odconv_2x", "odconv", {"kernel_num": 2}, "ODConv, 2 kernels"),
         ConvVariant("odconv_4x", "odconv", {"kernel_num": 4}, "ODConv, 4 kernels"),

@@ -11,6 +11,11 @@
   88.6M, the last two stages: 83.9M). Every block conv except the stage-4 entry conv
   ``layer4.0.conv1`` gives 80.4M (-1.2%); that is the rule used here, chosen to match the table.
   Elsewhere CondConv follows DY-Conv's rule.
+- DCD (liyunsheng13/dcd): ResNet block convs (BasicBlock convs with the 2x2-pool attention,
+  Bottleneck convs with the 1x1 one), stem and downsample static; MobileNetV2 the expansion and
+  projection 1x1 convs of the expansion-6 blocks (first block, depthwise convs, stem and final 1x1
+  static); and the classifier becomes DCD's dynamic one. ConvNeXt has no official DCD model; we treat
+  it like MobileNetV2: the pointwise MLP convs dynamic, the depthwise 7x7 static.
 - KernelWarehouse has its own plan with warehouse names (:mod:`dynconv.ops.kernelwarehouse`).
 - Generic CNNs (any other model): every ``nn.Conv2d`` but the first one (the stem).
 """
@@ -31,6 +36,11 @@ def _condconv_resnet(site: ConvSite) -> bool:
     return site.role == "block" and not (site.stage == 3 and site.block == 0 and site.position == 0)
 
 
+def _dcd_mobilenetv2(site: ConvSite) -> bool:
+    # The projection of an expansion block is its third conv; the first block has only two.
+    return site.role == "pw_expand" or (site.role == "pw_project" and site.position == 2)
+
+
 _ALL_BUT_STEM = {
     RESNET: roles("block", "downsample"),
     MOBILENETV2: roles("pw_expand", "dw", "pw_project", "head"),
@@ -47,4 +57,10 @@ LAYER_RULES: Dict[str, Dict[str, SiteRule]] = {
     },
     "dyconv": _ALL_BUT_STEM,
     "condconv": {**_ALL_BUT_STEM, RESNET: _condconv_resnet},
+    "dcd": {
+        RESNET: roles("block"),
+        MOBILENETV2: _dcd_mobilenetv2,
+        CONVNEXT: roles("pw"),
+        GENERIC: roles("conv"),
+    },
 }

@@ -11,9 +11,10 @@ from typing import Any, Callable, Dict, List, Tuple
 
 from torch import nn
 
-from .backbones import ConvSite, conv_sites, detect_backbone, get_submodule, set_submodule
+from .backbones import MOBILENETV2, RESNET, ConvSite, conv_sites, detect_backbone, get_submodule, set_submodule
 from .ops.attention_baselines import insert_residual_attention
 from .ops.condconv import CondConv2d
+from .ops.dcd import DCDConv2d, DCDLinear, mobilenetv2_dims
 from .ops.dyconv import DynamicConv2d
 from .ops.odconv import ODConv2d
 from .registry import get_variant
@@ -82,6 +83,39 @@ def per_layer_converter(layer_cls: type, family: str) -> Converter:
     return convert_sites
 
 
+def _dcd_layer_options(model: nn.Module, site: ConvSite, conv: nn.Conv2d, sites: List[ConvSite],
+                       backbone: str, fc_squeeze: int) -> Dict[str, Any]:
+    """Per-layer shapes of the official DCD models: 2x2 pooling in ResNet BasicBlocks, the DYModule
+    rule on MobileNetV2, the Bottleneck (1x1 pool) rule elsewhere."""
+    if backbone == RESNET:
+        bottleneck = any(s.role == "block" and (s.stage, s.block) == (site.stage, site.block) and s.position == 2
+                         for s in sites)
+        return {"pool": 1 if bottleneck else 2}
+    if backbone == MOBILENETV2:
+        pool, latent, squeeze = mobilenetv2_dims(conv.in_channels, conv.out_channels, fc_squeeze)
+        return {"pool": pool, "latent_dim": latent, "squeeze": squeeze}
+    return {}
+
+
+def _dcd_converter(model, sites, backbone, options):
+    options = dict(options)
+    fc_squeeze = options.pop("fc_squeeze", 8)
+    dynamic_classifier = options.pop("dynamic_classifier", True)
+    _check_options(DCDConv2d, options)
+    rule = LAYER_RULES["dcd"][backbone]
+    replaced = []
+    for site in sites:
+        module = get_submodule(model, site.name)
+        if isinstance(module, nn.Conv2d) and rule(site):
+            layer_options = {**_dcd_layer_options(model, site, module, sites, backbone, fc_squeeze), **options}
+            set_submodule(model, site.name, DCDConv2d.from_conv(module, **layer_options))
+            replaced.append((site.name, DCDConv2d.__name__))
+        elif isinstance(module, nn.Linear) and site.role == "classifier" and dynamic_classifier:
+            set_submodule(model, site.name, DCDLinear.from_linear(module))
+            replaced.append((site.name, DCDLinear.__name__))
+    return replaced
+
+
 def _attention_converter(model, sites, backbone, options):
     return insert_residual_attention(model, backbone, **options)
 
@@ -97,6 +131,7 @@ _CONVERTERS: Dict[str, Converter] = {
     "dyconv": per_layer_converter(DynamicConv2d, "dyconv"),
     "odconv": per_layer_converter(ODConv2d, "odconv"),
     "attention": _attention_converter,
+    "dcd": _dcd_converter,
     "kw": _kw_converter,
 }
 

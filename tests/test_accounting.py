@@ -8,6 +8,7 @@ from torch import nn
 
 import dynconv
 from dynconv.ops import CondConv2d, DynamicConv2d, ODConv2d
+from dynconv.ops.dcd import DCDConv2d
 from dynconv.ops.kernelwarehouse import KWConv2d
 
 C_IN, C_OUT, K, HW = 16, 32, 3, 14
@@ -62,6 +63,20 @@ def test_kernelwarehouse():
     m = n = K * K
     got = breakdown(layer)
     assert got == expect(attention=C_IN * 16 + 16 * (n + 1) * m, aggregation=m * n * C_OUT * C_IN)
+
+
+def test_dcd():
+    latent, squeeze = 4, 4  # L = int(sqrt(16)), S = max(16, 16) // 16 -> at least 4
+    layer = DCDConv2d(C_IN, C_OUT, K, padding=1, bias=False)
+    assert (layer.latent_dim, layer.fc_phi.in_features) == (latent, squeeze)
+    pixels = HW * HW
+    got = breakdown(layer)
+    assert got == expect(
+        dynamic_conv=CONV + latent * C_IN * pixels + C_OUT * latent * pixels,  # W0, Q, P
+        attention=C_IN * squeeze + squeeze * squeeze + squeeze * latent**2 + squeeze * C_OUT,
+        aggregation=latent * latent * pixels,  # Phi(x) @ z
+        scaling=C_OUT * pixels,  # Lambda(x) * conv_W0(x)
+    )
 
 
 def test_counts_scale_with_the_batch():

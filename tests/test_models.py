@@ -40,6 +40,7 @@ OFFICIAL_PARAMS = [
 PAPER_PARAMS = [
     ("dyconv_4x", "resnet18", 45.47),
     ("condconv_8x", "resnet18", 81.35),
+    ("dcd", "resnet18", 14.70),
     ("se", "resnet18", 11.78),
     ("cbam", "resnet18", 11.78),
     ("eca", "resnet18", 11.69),

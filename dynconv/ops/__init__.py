@@ -1,12 +1,15 @@
 """Drop-in replacements for ``nn.Conv2d``, one file per family, and the shared batched hot path."""
 from .attention_baselines import make_residual_attention
 from .condconv import CondConv2d
+from .dcd import DCDConv2d, DCDLinear
 from .dyconv import DYAttention, DynamicConv2d
 from .functional import mix_kernels, per_sample_conv2d
 from .odconv import ODAttention, ODConv2d
 
 __all__ = [
     "CondConv2d",
+    "DCDConv2d",
+    "DCDLinear",
     "DYAttention",
     "DynamicConv2d",
     "ODAttention",
