@@ -1,4 +1,4 @@
-"""Checkpoints of the official ODConv and KernelWarehouse code, in and out of dynconv models.
+"""Checkpoints of the official ODConv, KernelWarehouse and DCD code, in and out of dynconv models.
 
 dynconv models are timm backbones; the official code defines its own ResNet, MobileNetV2 and
 ConvNeXt classes. The layers keep the official parameter names (``<conv>.weight`` and
@@ -13,6 +13,9 @@ official models (checked against OSVAI/ODConv ``models/*.py`` and OSVAI/KernelWa
   ``conv.0.{0,1}`` pw, ``conv.1.{0,1}`` dw, ``conv.2`` pw-linear, ``conv.3`` bn for the others;
   ``features.{last}.{0,1}`` final 1x1 conv/bn. The classifier is ``classifier.1`` (after a Dropout)
   everywhere except ``kw_mobilenetv2_*``, whose classifier is a bare ``classifier`` Linear.
+- DCD (liyunsheng13/dcd ``models/imagenet/*_dcd.py``): ResNet names are torchvision's with the
+  dynamic classifier at ``classifier.0``; MobileNetV2 as in :func:`_dcd_mobilenetv2_renames`. DCD
+  layers keep the official ``conv_dy`` names (``conv``, ``q``, ``p``, ``bn1``, ``bn2``, ``fc.*``).
 - ConvNeXt (KernelWarehouse repo only): ``downsample_layers.0`` is the stem,
   ``downsample_layers.{i}`` the downsampling norm + conv, ``stages.{i}.{j}.dwconv/norm/pwconv1/
   pwconv2/gamma`` the blocks, ``norm`` and ``head`` the head. The static model keeps ``pwconv``
@@ -37,8 +40,8 @@ from .backbones import CONVNEXT, MOBILENETV2, RESNET, detect_backbone
 from .registry import get_variant
 from .schedules import set_progress
 
-ODCONV, KW, STATE_DICT = "odconv", "kw", "state_dict"
-FORMATS: Tuple[str, ...] = (ODCONV, KW, STATE_DICT)
+ODCONV, KW, DCD, STATE_DICT = "odconv", "kw", "dcd", "state_dict"
+FORMATS: Tuple[str, ...] = (ODCONV, KW, DCD, STATE_DICT)
 _DDP_PREFIX = "module."
 
 Checkpoint = Union[str, "os.PathLike[str]", Mapping[str, Any]]
@@ -51,7 +54,7 @@ class ImportReport:
     Attributes:
         source_format: ``odconv`` (``{'state_dict': {'module.' + key: ...}}``), ``kw``
             (``{'model': ...}``), ``kw_ema`` (``{'model_ema': ...}``) or ``state_dict`` (a bare one).
-        layout: the official model definition the names were read as (``odconv`` or ``kw``).
+        layout: the official model definition the names were read as (``odconv``, ``kw`` or ``dcd``).
         variant: the dynconv conv variant of the model.
         backbone: ``resnet``, ``mobilenetv2`` or ``convnext``.
         loaded: number of tensors copied.
@@ -115,6 +118,28 @@ def _mobilenetv2_renames(model: nn.Module, kw_bare_classifier: bool) -> Dict[str
     return renames
 
 
+def _dcd_mobilenetv2_renames(model: nn.Module) -> Dict[str, str]:
+    """liyunsheng13/dcd ``mobilenetv2_dcd``: flat ``features.{i}.conv.{j}`` Sequentials (dw, bn, relu6,
+    pw, bn for the first block; pw, bn, relu6, dw, bn, relu6, pwl, bn for the others), ``DYModule``
+    latent convs ``conv_q`` / ``conv_p``, the final 1x1 at ``conv.{0,1}``, ``classifier.0`` (DYCls)."""
+    renames = {"conv_stem": "features.0.0", "bn1": "features.0.1"}
+    index = 1
+    for s, stage in enumerate(model.blocks):
+        for b, block in enumerate(stage):
+            src, dst = f"blocks.{s}.{b}", f"features.{index}.conv"
+            if type(block).__name__ == "DepthwiseSeparableConv":
+                pairs = {"conv_dw": "0", "bn1": "1", "conv_pw": "3", "bn2": "4"}
+            else:
+                pairs = {"conv_pw": "0", "bn1": "1", "conv_dw": "3", "bn2": "4", "conv_pwl": "6", "bn3": "7"}
+            for ours, theirs in pairs.items():
+                renames[f"{src}.{ours}"] = f"{dst}.{theirs}"
+                renames[f"{src}.{ours}.q"] = f"{dst}.{theirs}.conv_q"
+                renames[f"{src}.{ours}.p"] = f"{dst}.{theirs}.conv_p"
+            index += 1
+    renames.update({"conv_head": "conv.0", "bn2": "conv.1", "classifier": "classifier.0"})
+    return renames
+
+
 def _convnext_renames(model: nn.Module) -> Dict[str, str]:
     renames = {"stem": "downsample_layers.0", "head.norm": "norm", "head.fc": "head"}
     for s, stage in enumerate(model.stages):
@@ -151,18 +176,23 @@ def _family(model: nn.Module) -> Tuple[str, str]:
 def _layout(model: nn.Module) -> _Layout:
     variant, family = _family(model)
     backbone = detect_backbone(model)
-    if family not in ("static", "odconv", "kw"):
+    if family not in ("static", "odconv", "kw", "dcd"):
         raise ValueError(
             f"no official checkpoint layout for conv variant {variant!r}: import_official/export_official "
-            "support 'static', 'odconv_*' (OSVAI/ODConv) and 'kw_*' (OSVAI/KernelWarehouse) models"
+            "support 'static', 'odconv_*' (OSVAI/ODConv), 'kw_*' (OSVAI/KernelWarehouse) and 'dcd' "
+            "(liyunsheng13/dcd) models"
         )
     if backbone not in (RESNET, MOBILENETV2, CONVNEXT):
         raise ValueError(
             f"no official checkpoint layout for a {backbone} backbone ({type(model).__name__}); "
             "supported: ResNet, MobileNetV2, ConvNeXt models from dynconv.create_model"
         )
-    if family == "odconv" and backbone == CONVNEXT:
-        raise ValueError("OSVAI/ODConv has no ConvNeXt model, so there is no official odconv convnext layout")
+    if family in ("odconv", "dcd") and backbone == CONVNEXT:
+        raise ValueError(f"the official {family} code has no ConvNeXt model, so there is no official layout")
+    if family == "dcd":
+        if backbone == RESNET:  # ResNet_dcd: classifier = Sequential(DYCls) (dropout=None, the default)
+            return _Layout(DCD, {"fc": "classifier.0"}, _same_shape)
+        return _Layout(DCD, _dcd_mobilenetv2_renames(model), _same_shape)
     name = ODCONV if family == "odconv" or (family == "static" and backbone != CONVNEXT) else KW
     if backbone == RESNET:
         return _Layout(name, {}, _same_shape)
@@ -253,7 +283,7 @@ def import_official(
     anything is copied, so a checkpoint that does not fit leaves ``model`` untouched.
 
     Args:
-        model: a model from :func:`dynconv.create_model` (``static``, ``odconv_*`` or ``kw_*`` on
+        model: a model from :func:`dynconv.create_model` (``static``, ``odconv_*``, ``kw_*`` or ``dcd`` on
             ResNet / MobileNetV2; ``static`` or ``kw_*`` on ConvNeXt-T) matching the checkpoint's
             architecture and options.
         checkpoint: a file path (read with ``torch.load(weights_only=True)``) or the loaded object:
@@ -331,9 +361,10 @@ def export_official(model: nn.Module, format: Optional[str] = None) -> Dict[str,
         model: as for :func:`import_official`.
         format: ``odconv`` -> ``{'state_dict': {'module.' + key: tensor}}`` (ODConv ``main.py``),
             ``kw`` -> ``{'model': {key: tensor}}`` (KernelWarehouse ``utils.save_model``),
+            ``dcd`` -> ``{'state_dict': {key: tensor}}`` (DCD ``main.py``),
             ``state_dict`` -> the bare official state dict. Default: the format of the repository
             that defines the model's variant (``odconv`` for ODConv and static ResNet/MobileNetV2,
-            ``kw`` for KernelWarehouse and ConvNeXt).
+            ``kw`` for KernelWarehouse and ConvNeXt, ``dcd`` for DCD).
 
     Returns:
         A dict ``torch.save`` can write; tensors are detached CPU copies.
@@ -350,6 +381,8 @@ def export_official(model: nn.Module, format: Optional[str] = None) -> Dict[str,
         return {"state_dict": {_DDP_PREFIX + k: v for k, v in state.items()}}
     if format == KW:
         return {"model": state}
+    if format == DCD:
+        return {"state_dict": state}
     return state
 
 

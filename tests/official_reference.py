@@ -2,9 +2,10 @@
 
 Written from the descriptions of OSVAI/ODConv (``models/od_resnet.py``, ``models/od_mobilenetv2.py``,
 ``modules/odconv.py``) and OSVAI/KernelWarehouse (``models/kw_resnet.py``, ``models/kw_mobilenetv2.py``,
-``modules/kernel_warehouse.py``) in ``shared/reference/algorithms.md`` §1 and §2; nothing here
+``modules/kernel_warehouse.py``) and liyunsheng13/dcd (``models/imagenet/resnet_dcd.py``) in
+``shared/reference/algorithms.md`` §1, §2 and §7; nothing here
 imports dynconv. Every dynamic layer builds each sample's kernel explicitly and convolves each
-sample alone. Evaluation mode: BatchNorm with running statistics, ODConv temperature 1,
+sample alone (DCD: its decomposition is evaluated per sample, §7). Evaluation mode: BatchNorm with running statistics, ODConv temperature 1,
 KernelWarehouse tau 0 (so ``alpha = z / (sum |z| + 1e-3)``, and beta plays no part).
 """
 from __future__ import annotations
@@ -120,9 +121,50 @@ def kw_conv(state: State, banks: List[torch.Tensor], prefix: str, x: torch.Tenso
     return convolve_each(x, kernels, stride, padding, groups, state.get(f"{prefix}.bias"))
 
 
+def hsigmoid(v: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(v + 3, 0, 6) / 3
+
+
+def dcd_attention(state: State, prefix: str, v: torch.Tensor):
+    """DCD's ``fc`` (Linear, then ``y * hsigmoid(W y)``), ``fc_phi`` and ``hsigmoid(fc_scale)`` (§7)."""
+    y = linear(state[f"{prefix}.fc.0.weight"], v)
+    y = y * hsigmoid(linear(state[f"{prefix}.fc.1.fc.0.weight"], y))
+    latent = int(state[f"{prefix}.fc_phi.weight"].shape[0] ** 0.5)
+    return linear(state[f"{prefix}.fc_phi.weight"], y).reshape(latent, latent), hsigmoid(linear(state[f"{prefix}.fc_scale.weight"], y))
+
+
+def dcd_conv(state: State, prefix: str, x: torch.Tensor, stride: int, padding: int, pool: int) -> torch.Tensor:
+    """conv_dy / conv_basic_dy, one sample at a time: Lambda * conv_W0(x) + P(BN1d(Phi z) + z), z = BN2d(Q x)."""
+    outs = []
+    for b in range(x.shape[0]):
+        xb = x[b:b + 1]
+        phi, lam = dcd_attention(state, prefix, F.adaptive_avg_pool2d(xb, pool).reshape(-1))
+        main = F.conv2d(xb, state[f"{prefix}.conv.weight"], None, stride, padding) * lam[None, :, None, None]
+        z = batch_norm(state, f"{prefix}.bn1", F.conv2d(xb, state[f"{prefix}.q.weight"], None, stride))
+        flat = z.flatten(2)
+        mixed = batch_norm(state, f"{prefix}.bn2", phi @ flat) + flat
+        outs.append(main + F.conv2d(mixed.reshape(z.shape), state[f"{prefix}.p.weight"]))
+    return torch.cat(outs)
+
+
+def dcd_classifier(state: State, prefix: str, pooled: torch.Tensor) -> torch.Tensor:
+    """DYCls: hsigmoid(fc_scale) * cls(x) + cls_p(BN(Phi z) + z), z = BN(cls_q x)."""
+    rows = []
+    for v in pooled:
+        phi, lam = dcd_attention(state, prefix, v)
+        z = batch_norm(state, f"{prefix}.bn1", (state[f"{prefix}.cls_q.weight"] @ v).unsqueeze(0))[0]
+        mixed = batch_norm(state, f"{prefix}.bn2", (phi @ z).unsqueeze(0))[0] + z
+        rows.append(lam * linear(state[f"{prefix}.cls.weight"], v, state[f"{prefix}.cls.bias"])
+                    + state[f"{prefix}.cls_p.weight"] @ mixed)
+    return torch.stack(rows)
+
+
 def conv(state: State, prefix: str, x: torch.Tensor, c_out: int, k: int, stride: int = 1, groups: int = 1) -> torch.Tensor:
-    """A conv of the official model: ODConv, KW or plain, told apart by the keys it left in ``state``."""
+    """A conv of the official model: ODConv, KW, DCD or plain, told apart by the keys it left in ``state``."""
     padding = k // 2
+    if f"{prefix}.q.weight" in state:  # resnet_dcd: BasicBlock convs pool 2x2 (conv_basic_dy)
+        pool = 2 if state[f"{prefix}.fc.0.weight"].shape[1] == 4 * x.shape[1] else 1
+        return dcd_conv(state, prefix, x, stride, padding, pool)
     if f"{prefix}.attention.fc.weight" in state:
         return odconv(state, prefix, x, stride, padding, groups)
     if f"{prefix}.attention.fc1.weight" in state:
@@ -170,6 +212,8 @@ def classify(state: State, x: torch.Tensor) -> torch.Tensor:
     """Global average pool and the Linear head: ``fc`` (ResNet), ``classifier.1`` (ODConv MobileNetV2,
     after a Dropout) or a bare ``classifier`` (kw_mobilenetv2)."""
     pooled = x.mean((2, 3))
+    if "classifier.0.cls.weight" in state:
+        return dcd_classifier(state, "classifier.0", pooled)
     for name in ("fc", "classifier.1", "classifier"):
         if f"{name}.weight" in state:
             return pooled @ state[f"{name}.weight"].T + state[f"{name}.bias"]

@@ -372,3 +372,88 @@ def test_convnext_round_trip(conv):
     import_official(dst, ckpt)
     _assert_same_state(_state(src), _state(dst))
     torch.testing.assert_close(_logits(dst), _logits(src), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ DCD (liyunsheng13/dcd)
+
+
+def _dcd_layer(prefix: str, cin: int, cout: int, k: int, pool: int) -> Shapes:
+    """Keys of one official conv_dy / conv_basic_dy (models/imagenet/resnet_dcd.py)."""
+    dim = int((cin * pool * pool) ** 0.5)
+    squeeze = max(max(cin * pool * pool, dim * dim) // 16, 4)
+    out = {f"{prefix}.conv.weight": (cout, cin, k, k), f"{prefix}.q.weight": (dim, cin, 1, 1),
+           f"{prefix}.p.weight": (cout, dim, 1, 1), f"{prefix}.fc.0.weight": (squeeze, cin * pool * pool),
+           f"{prefix}.fc.1.fc.0.weight": (squeeze, squeeze), f"{prefix}.fc_phi.weight": (dim * dim, squeeze),
+           f"{prefix}.fc_scale.weight": (cout, squeeze)}
+    out.update(_bn(f"{prefix}.bn1", dim))
+    out.update(_bn(f"{prefix}.bn2", dim))
+    return out
+
+
+def _dcd_resnet18() -> Shapes:
+    out: Shapes = {"conv1.weight": (64, 3, 7, 7), **_bn("bn1", 64)}
+    inplanes = 64
+    for s, planes in enumerate((64, 128, 256, 512)):
+        for b in range(2):
+            p = f"layer{s + 1}.{b}"
+            cin = inplanes if b == 0 else planes
+            out.update(_dcd_layer(f"{p}.conv1", cin, planes, 3, pool=2))
+            out.update(_bn(f"{p}.bn1", planes))
+            out.update(_dcd_layer(f"{p}.conv2", planes, planes, 3, pool=2))
+            out.update(_bn(f"{p}.bn2", planes))
+            if b == 0 and s > 0:
+                out[f"{p}.downsample.0.weight"] = (planes, inplanes, 1, 1)
+                out.update(_bn(f"{p}.downsample.1", planes))
+        inplanes = planes
+    c = "classifier.0"  # DYCls(512, 1000)
+    out.update({f"{c}.cls.weight": (1000, 512), f"{c}.cls.bias": (1000,), f"{c}.cls_q.weight": (32, 512),
+                f"{c}.cls_p.weight": (1000, 32), f"{c}.fc.0.weight": (32, 512), f"{c}.fc.1.fc.0.weight": (32, 32),
+                f"{c}.fc_phi.weight": (1024, 32), f"{c}.fc_scale.weight": (1000, 32)})
+    out.update(_bn(f"{c}.bn1", 32))
+    out.update(_bn(f"{c}.bn2", 32))
+    return out
+
+
+def test_dcd_resnet18_layout_matches_official_definition():
+    ckpt = export_official(_build("resnet18", "dcd"))
+    assert list(ckpt) == ["state_dict"]
+    assert _shapes(ckpt["state_dict"]) == _dcd_resnet18()
+
+
+def test_dcd_mobilenetv2_names_follow_the_official_model():
+    got = _shapes(export_official(_build("mobilenetv2_100", "dcd"))["state_dict"])
+    assert got["features.1.conv.0.weight"] == (32, 1, 3, 3)  # first block: dw, bn, relu6, pw, bn
+    assert got["features.1.conv.3.weight"] == (16, 32, 1, 1) and "features.1.conv.4.running_var" in got
+    assert got["features.2.conv.0.conv.weight"] == (96, 16, 1, 1)  # DYModule(16, 96): L = 8, S = 8
+    assert got["features.2.conv.0.conv_q.weight"] == (8, 16, 1, 1)
+    assert got["features.2.conv.0.conv_p.weight"] == (96, 8, 1, 1)
+    assert got["features.2.conv.0.fc.0.weight"] == (8, 64)
+    assert got["features.2.conv.3.weight"] == (96, 1, 3, 3) and got["features.2.conv.7.weight"] == (24,)
+    assert got["features.2.conv.6.fc_phi.weight"][0] == got["features.2.conv.6.bn2.weight"][0] ** 2
+    assert got["conv.0.weight"] == (1280, 320, 1, 1) and got["conv.1.weight"] == (1280,)
+    assert got["classifier.0.cls.weight"] == (1000, 1280)
+    assert not any(k.startswith(("blocks.", "conv_stem", "conv_head", "bn")) for k in got)
+
+
+def _calibrated(model: torch.nn.Module) -> torch.nn.Module:
+    """BatchNorm statistics of random images: a fresh DCD net's un-normalised Phi(x) blows up in eval
+    mode under unit running statistics (as the official one would)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 32, 32))
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2_100"])
+def test_dcd_round_trip(arch, tmp_path):
+    src, dst = _calibrated(_build(arch, "dcd", seed=1)), _build(arch, "dcd", seed=2)
+    assert torch.isfinite(_logits(src)).all()
+    path = tmp_path / "dcd.pth.tar"
+    torch.save(export_official(src), path)
+    report = import_official(dst, path)
+    assert report.layout == "dcd" and report.loaded == len(src.state_dict())
+    _assert_same_state(_state(src), _state(dst))
+    torch.testing.assert_close(_logits(dst), _logits(src), rtol=0, atol=0)

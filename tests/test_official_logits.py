@@ -21,6 +21,7 @@ CASES = [
     ("resnet18", "odconv_4x"),
     ("resnet18", "kw_1x"),
     ("resnet18", "kw_4x"),
+    ("resnet18", "dcd"),
     ("mobilenetv2_100", "static"),
     ("mobilenetv2_100", "odconv_4x"),
     ("mobilenetv2_100", "kw_1x"),
@@ -62,8 +63,11 @@ def random_official_state(arch: str, conv: str) -> Dict[str, torch.Tensor]:
 
 def imported_logits(arch: str, conv: str, state: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     model = dynconv.create_model(arch, conv).double().eval()
-    dynconv.import_official(model, {"state_dict": {"module." + k: v for k, v in state.items()}}
-                            if "odconv" in conv else {"model": state})
+    if "odconv" in conv:
+        checkpoint = {"state_dict": {"module." + k: v for k, v in state.items()}}
+    else:
+        checkpoint = {"state_dict": state} if conv == "dcd" else {"model": state}
+    dynconv.import_official(model, checkpoint)
     with torch.no_grad():
         return model(x)
 
