@@ -83,8 +83,8 @@ def per_layer_converter(layer_cls: type, family: str) -> Converter:
     return convert_sites
 
 
-def _dcd_layer_options(model: nn.Module, site: ConvSite, conv: nn.Conv2d, sites: List[ConvSite],
-                       backbone: str, fc_squeeze: int) -> Dict[str, Any]:
+def _dcd_layer_options(site: ConvSite, conv: nn.Conv2d, sites: List[ConvSite], backbone: str,
+                       fc_squeeze: int) -> Dict[str, Any]:
     """Per-layer shapes of the official DCD models: 2x2 pooling in ResNet BasicBlocks, the DYModule
     rule on MobileNetV2, the Bottleneck (1x1 pool) rule elsewhere."""
     if backbone == RESNET:
@@ -107,7 +107,7 @@ def _dcd_converter(model, sites, backbone, options):
     for site in sites:
         module = get_submodule(model, site.name)
         if isinstance(module, nn.Conv2d) and rule(site):
-            layer_options = {**_dcd_layer_options(model, site, module, sites, backbone, fc_squeeze), **options}
+            layer_options = {**_dcd_layer_options(site, module, sites, backbone, fc_squeeze), **options}
             set_submodule(model, site.name, DCDConv2d.from_conv(module, **layer_options))
             replaced.append((site.name, DCDConv2d.__name__))
         elif isinstance(module, nn.Linear) and site.role == "classifier" and dynamic_classifier:
