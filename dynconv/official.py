@@ -101,19 +101,33 @@ def _same_shape(key: str, shape: torch.Size) -> torch.Size:
     return shape
 
 
-def _mobilenetv2_renames(model: nn.Module, kw_bare_classifier: bool) -> Dict[str, str]:
-    renames = {"conv_stem": "features.0.0", "bn1": "features.0.1"}
+def _mobilenetv2_blocks(model: nn.Module):
+    """``(timm block path, official block path, is the expansion-1 block)`` in network order."""
     index = 1
     for s, stage in enumerate(model.blocks):
         for b, block in enumerate(stage):
-            src, dst = f"blocks.{s}.{b}", f"features.{index}.conv"
-            if type(block).__name__ == "DepthwiseSeparableConv":
-                pairs = {"conv_dw": "0.0", "bn1": "0.1", "conv_pw": "1", "bn2": "2"}
-            else:
-                pairs = {"conv_pw": "0.0", "bn1": "0.1", "conv_dw": "1.0", "bn2": "1.1", "conv_pwl": "2", "bn3": "3"}
-            renames.update({f"{src}.{a}": f"{dst}.{o}" for a, o in pairs.items()})
+            yield f"blocks.{s}.{b}", f"features.{index}.conv", type(block).__name__ == "DepthwiseSeparableConv"
             index += 1
-    renames.update({"conv_head": f"features.{index}.0", "bn2": f"features.{index}.1"})
+
+
+# timm layer name -> index inside the official block Sequential (expansion-1 block, the others).
+_ODCONV_MBV2_BLOCK = (
+    {"conv_dw": "0.0", "bn1": "0.1", "conv_pw": "1", "bn2": "2"},
+    {"conv_pw": "0.0", "bn1": "0.1", "conv_dw": "1.0", "bn2": "1.1", "conv_pwl": "2", "bn3": "3"},
+)
+_DCD_MBV2_BLOCK = (
+    {"conv_dw": "0", "bn1": "1", "conv_pw": "3", "bn2": "4"},
+    {"conv_pw": "0", "bn1": "1", "conv_dw": "3", "bn2": "4", "conv_pwl": "6", "bn3": "7"},
+)
+
+
+def _mobilenetv2_renames(model: nn.Module, kw_bare_classifier: bool) -> Dict[str, str]:
+    renames = {"conv_stem": "features.0.0", "bn1": "features.0.1"}
+    for src, dst, first in _mobilenetv2_blocks(model):
+        pairs = _ODCONV_MBV2_BLOCK[0 if first else 1]
+        renames.update({f"{src}.{a}": f"{dst}.{o}" for a, o in pairs.items()})
+    last = sum(1 for _ in _mobilenetv2_blocks(model)) + 1
+    renames.update({"conv_head": f"features.{last}.0", "bn2": f"features.{last}.1"})
     renames["classifier"] = "classifier" if kw_bare_classifier else "classifier.1"
     return renames
 
@@ -123,19 +137,11 @@ def _dcd_mobilenetv2_renames(model: nn.Module) -> Dict[str, str]:
     pw, bn for the first block; pw, bn, relu6, dw, bn, relu6, pwl, bn for the others), ``DYModule``
     latent convs ``conv_q`` / ``conv_p``, the final 1x1 at ``conv.{0,1}``, ``classifier.0`` (DYCls)."""
     renames = {"conv_stem": "features.0.0", "bn1": "features.0.1"}
-    index = 1
-    for s, stage in enumerate(model.blocks):
-        for b, block in enumerate(stage):
-            src, dst = f"blocks.{s}.{b}", f"features.{index}.conv"
-            if type(block).__name__ == "DepthwiseSeparableConv":
-                pairs = {"conv_dw": "0", "bn1": "1", "conv_pw": "3", "bn2": "4"}
-            else:
-                pairs = {"conv_pw": "0", "bn1": "1", "conv_dw": "3", "bn2": "4", "conv_pwl": "6", "bn3": "7"}
-            for ours, theirs in pairs.items():
-                renames[f"{src}.{ours}"] = f"{dst}.{theirs}"
-                renames[f"{src}.{ours}.q"] = f"{dst}.{theirs}.conv_q"
-                renames[f"{src}.{ours}.p"] = f"{dst}.{theirs}.conv_p"
-            index += 1
+    for src, dst, first in _mobilenetv2_blocks(model):
+        for ours, theirs in _DCD_MBV2_BLOCK[0 if first else 1].items():
+            renames[f"{src}.{ours}"] = f"{dst}.{theirs}"
+            renames[f"{src}.{ours}.q"] = f"{dst}.{theirs}.conv_q"
+            renames[f"{src}.{ours}.p"] = f"{dst}.{theirs}.conv_p"
     renames.update({"conv_head": "conv.0", "bn2": "conv.1", "classifier": "classifier.0"})
     return renames
 
