@@ -20,7 +20,6 @@ from .ops._base import DynamicConv2dBase
 
 # Where a dynamic layer's work goes; ``static`` is everything outside the dynamic layers.
 MAC_KINDS = ("static", "dynamic_conv", "attention", "aggregation", "scaling")
-_ATTENTION_CHILDREN = ("attention", "routing", "fc", "fc_phi", "fc_scale")  # DCD: fc, fc_phi, fc_scale
 
 
 def count_params(model: nn.Module) -> int:
@@ -66,7 +65,7 @@ def macs_breakdown(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224
     out = dict.fromkeys(MAC_KINDS, 0)
     for name, module in model.named_modules():
         if isinstance(module, DynamicConv2dBase):
-            for kind, macs in _counted_in_layer(counts, f"{root}.{name}").items():
+            for kind, macs in _counted_in_layer(counts, f"{root}.{name}", module.attention_children).items():
                 out[kind] += macs
     out["static"] = counter.get_total_flops() // 2 - sum(out.values())
     for kind, macs in elementwise.items():
@@ -75,13 +74,13 @@ def macs_breakdown(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224
     return out
 
 
-def _counted_in_layer(counts: Dict[str, Dict[Any, int]], path: str) -> Dict[str, int]:
+def _counted_in_layer(counts: Dict[str, Dict[Any, int]], path: str, attention: Sequence[str]) -> Dict[str, int]:
     """What the FLOP counter saw inside one dynamic layer: its convolutions, its attention branch,
     and its matmuls (the kernel mixing)."""
     out = {"dynamic_conv": 0, "attention": 0, "aggregation": 0}
     for op, flops in counts.get(path, {}).items():
         out["dynamic_conv" if op is torch.ops.aten.convolution else "aggregation"] += flops // 2
-    for child in _ATTENTION_CHILDREN:
+    for child in attention:
         for op, flops in counts.get(f"{path}.{child}", {}).items():
             out["dynamic_conv" if op is torch.ops.aten.convolution else "aggregation"] -= flops // 2
             out["attention"] += flops // 2

@@ -55,19 +55,22 @@ def family_option_names(family: str) -> set:
     if family == "attention":
         return set()
     from .ops.condconv import CondConv2d
+    from .ops.dcd import DCDConv2d
     from .ops.dyconv import DynamicConv2d
     from .ops.odconv import ODConv2d
 
-    if family == "dcd":
-        from .ops.dcd import DCDConv2d
-
-        conv_args = set(inspect.signature(nn.Conv2d.__init__).parameters)
-        return set(inspect.signature(DCDConv2d.__init__).parameters) - conv_args | {"fc_squeeze", "dynamic_classifier"}
-    layer = {"condconv": CondConv2d, "dyconv": DynamicConv2d, "odconv": ODConv2d}.get(family)
-    if layer is None:
+    # (layer class, options the family's converter takes on top of the layer's own)
+    families = {
+        "condconv": (CondConv2d, {"temperature_epochs"}),
+        "dyconv": (DynamicConv2d, {"temperature_epochs"}),
+        "odconv": (ODConv2d, {"temperature_epochs"}),
+        "dcd": (DCDConv2d, {"fc_squeeze", "dynamic_classifier"}),
+    }
+    if family not in families:
         return set()
+    layer, extras = families[family]
     conv_args = set(inspect.signature(nn.Conv2d.__init__).parameters)
-    return set(inspect.signature(layer.__init__).parameters) - conv_args | {"temperature_epochs"}
+    return set(inspect.signature(layer.__init__).parameters) - conv_args | extras
 
 
 def create_model(arch: str, conv: str = "static", num_classes: int = 1000, **overrides: Any) -> nn.Module:

@@ -83,14 +83,12 @@ def per_layer_converter(layer_cls: type, family: str) -> Converter:
     return convert_sites
 
 
-def _dcd_layer_options(site: ConvSite, conv: nn.Conv2d, sites: List[ConvSite], backbone: str,
+def _dcd_layer_options(site: ConvSite, conv: nn.Conv2d, backbone: str, bottlenecks: set,
                        fc_squeeze: int) -> Dict[str, Any]:
     """Per-layer shapes of the official DCD models: 2x2 pooling in ResNet BasicBlocks, the DYModule
     rule on MobileNetV2, the Bottleneck (1x1 pool) rule elsewhere."""
     if backbone == RESNET:
-        bottleneck = any(s.role == "block" and (s.stage, s.block) == (site.stage, site.block) and s.position == 2
-                         for s in sites)
-        return {"pool": 1 if bottleneck else 2}
+        return {"pool": 1 if (site.stage, site.block) in bottlenecks else 2}
     if backbone == MOBILENETV2:
         pool, latent, squeeze = mobilenetv2_dims(conv.in_channels, conv.out_channels, fc_squeeze)
         return {"pool": pool, "latent_dim": latent, "squeeze": squeeze}
@@ -103,11 +101,12 @@ def _dcd_converter(model, sites, backbone, options):
     dynamic_classifier = options.pop("dynamic_classifier", True)
     _check_options(DCDConv2d, options)
     rule = LAYER_RULES["dcd"][backbone]
+    bottlenecks = {(s.stage, s.block) for s in sites if s.role == "block" and s.position == 2}
     replaced = []
     for site in sites:
         module = get_submodule(model, site.name)
         if isinstance(module, nn.Conv2d) and rule(site):
-            layer_options = {**_dcd_layer_options(site, module, sites, backbone, fc_squeeze), **options}
+            layer_options = {**_dcd_layer_options(site, module, backbone, bottlenecks, fc_squeeze), **options}
             set_submodule(model, site.name, DCDConv2d.from_conv(module, **layer_options))
             replaced.append((site.name, DCDConv2d.__name__))
         elif isinstance(module, nn.Linear) and site.role == "classifier" and dynamic_classifier:

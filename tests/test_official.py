@@ -7,7 +7,7 @@ The expected official key lists below are written from the official model defini
 from __future__ import annotations
 
 import argparse
-from typing import Dict, Tuple
+from typing import Callable, Dict, Tuple
 
 import pytest
 import torch
@@ -77,23 +77,28 @@ def _odconv(prefix: str, cin: int, cout: int, k: int, n: int, groups: int = 1) -
     return out
 
 
-def _od_resnet18(n: int) -> Shapes:
+def _resnet18(layer: Callable[[str, int, int], Shapes], head: Shapes) -> Shapes:
+    """Keys of an official ResNet18 (torchvision layout) whose block convs are ``layer(prefix, cin, cout)``."""
     out: Shapes = {"conv1.weight": (64, 3, 7, 7), **_bn("bn1", 64)}
     inplanes = 64
     for s, planes in enumerate((64, 128, 256, 512)):
         for b in range(2):
             p = f"layer{s + 1}.{b}"
             cin = inplanes if b == 0 else planes
-            out.update(_odconv(f"{p}.conv1", cin, planes, 3, n))
+            out.update(layer(f"{p}.conv1", cin, planes))
             out.update(_bn(f"{p}.bn1", planes))
-            out.update(_odconv(f"{p}.conv2", planes, planes, 3, n))
+            out.update(layer(f"{p}.conv2", planes, planes))
             out.update(_bn(f"{p}.bn2", planes))
             if b == 0 and s > 0:
                 out[f"{p}.downsample.0.weight"] = (planes, inplanes, 1, 1)
                 out.update(_bn(f"{p}.downsample.1", planes))
         inplanes = planes
-    out.update({"fc.weight": (1000, 512), "fc.bias": (1000,)})
+    out.update(head)
     return out
+
+
+def _od_resnet18(n: int) -> Shapes:
+    return _resnet18(lambda p, cin, cout: _odconv(p, cin, cout, 3, n), {"fc.weight": (1000, 512), "fc.bias": (1000,)})
 
 
 _MBV2_SETTING = [(1, 16, 1), (6, 24, 2), (6, 32, 3), (6, 64, 4), (6, 96, 3), (6, 160, 3), (6, 320, 1)]
@@ -391,27 +396,12 @@ def _dcd_layer(prefix: str, cin: int, cout: int, k: int, pool: int) -> Shapes:
 
 
 def _dcd_resnet18() -> Shapes:
-    out: Shapes = {"conv1.weight": (64, 3, 7, 7), **_bn("bn1", 64)}
-    inplanes = 64
-    for s, planes in enumerate((64, 128, 256, 512)):
-        for b in range(2):
-            p = f"layer{s + 1}.{b}"
-            cin = inplanes if b == 0 else planes
-            out.update(_dcd_layer(f"{p}.conv1", cin, planes, 3, pool=2))
-            out.update(_bn(f"{p}.bn1", planes))
-            out.update(_dcd_layer(f"{p}.conv2", planes, planes, 3, pool=2))
-            out.update(_bn(f"{p}.bn2", planes))
-            if b == 0 and s > 0:
-                out[f"{p}.downsample.0.weight"] = (planes, inplanes, 1, 1)
-                out.update(_bn(f"{p}.downsample.1", planes))
-        inplanes = planes
     c = "classifier.0"  # DYCls(512, 1000)
-    out.update({f"{c}.cls.weight": (1000, 512), f"{c}.cls.bias": (1000,), f"{c}.cls_q.weight": (32, 512),
-                f"{c}.cls_p.weight": (1000, 32), f"{c}.fc.0.weight": (32, 512), f"{c}.fc.1.fc.0.weight": (32, 32),
-                f"{c}.fc_phi.weight": (1024, 32), f"{c}.fc_scale.weight": (1000, 32)})
-    out.update(_bn(f"{c}.bn1", 32))
-    out.update(_bn(f"{c}.bn2", 32))
-    return out
+    head = {f"{c}.cls.weight": (1000, 512), f"{c}.cls.bias": (1000,), f"{c}.cls_q.weight": (32, 512),
+            f"{c}.cls_p.weight": (1000, 32), f"{c}.fc.0.weight": (32, 512), f"{c}.fc.1.fc.0.weight": (32, 32),
+            f"{c}.fc_phi.weight": (1024, 32), f"{c}.fc_scale.weight": (1000, 32),
+            **_bn(f"{c}.bn1", 32), **_bn(f"{c}.bn2", 32)}
+    return _resnet18(lambda p, cin, cout: _dcd_layer(p, cin, cout, 3, pool=2), head)
 
 
 def test_dcd_resnet18_layout_matches_official_definition():

@@ -43,6 +43,9 @@ class DynamicConv2dBase(nn.Module):
         self.dilation = _pair(dilation)
         self.groups = groups
 
+    # Child modules holding the layer's attention / routing branch (for MAC accounting).
+    attention_children: Tuple[str, ...] = ("attention",)
+
     @property
     def is_depthwise(self) -> bool:
         return self.in_channels == self.groups == self.out_channels

@@ -26,6 +26,8 @@ class CondConv2d(DynamicConv2dBase):
         num_experts: number of expert kernels ("CondConv (8x)" is 8).
     """
 
+    attention_children = ("routing",)
+
     def __init__(
         self,
         in_channels: int,

@@ -83,6 +83,8 @@ class DCDConv2d(DynamicConv2dBase):
         squeeze: attention width ``S``; default ``max(C_in pool^2, L^2) / 16``, at least 4.
     """
 
+    attention_children = ("fc", "fc_phi", "fc_scale")
+
     def __init__(
         self,
         in_channels: int,
