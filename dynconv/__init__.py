@@ -4,6 +4,7 @@ on timm backbones, with the papers' layer rules, schedules and parameter counts.
 Importing the package registers every (variant, arch) pair with timm (``odconv4x_resnet18``).
 """
 from . import _timm  # noqa: F401  (registers the timm entrypoints)
+from .auxiliary import auxiliary_loss
 from .accounting import count_macs, count_params, macs_breakdown
 from .models import ARCHS, create_model, list_archs
 from .official import ImportReport, export_official, import_official
@@ -17,6 +18,7 @@ __all__ = [
     "ARCHS",
     "ConvertReport",
     "ImportReport",
+    "auxiliary_loss",
     "convert",
     "count_macs",
     "count_params",

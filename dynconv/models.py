@@ -56,6 +56,7 @@ def family_option_names(family: str) -> set:
         return set()
     from .ops.condconv import CondConv2d
     from .ops.dcd import DCDConv2d
+    from .ops.dgc import DGCConv2d
     from .ops.dyconv import DynamicConv2d
     from .ops.odconv import ODConv2d
 
@@ -65,6 +66,7 @@ def family_option_names(family: str) -> set:
         "dyconv": (DynamicConv2d, {"temperature_epochs"}),
         "odconv": (ODConv2d, {"temperature_epochs"}),
         "dcd": (DCDConv2d, {"fc_squeeze", "dynamic_classifier"}),
+        "dgc": (DGCConv2d, {"total_epochs"}),
     }
     if family not in families:
         return set()

@@ -1,4 +1,4 @@
-"""Checkpoints of the official ODConv, KernelWarehouse and DCD code, in and out of dynconv models.
+"""Checkpoints of the official ODConv, KernelWarehouse, DCD and DGC code, in and out of dynconv models.
 
 dynconv models are timm backbones; the official code defines its own ResNet, MobileNetV2 and
 ConvNeXt classes. The layers keep the official parameter names (``<conv>.weight`` and
@@ -16,6 +16,9 @@ official models (checked against OSVAI/ODConv ``models/*.py`` and OSVAI/KernelWa
 - DCD (liyunsheng13/dcd ``models/imagenet/*_dcd.py``): ResNet names are torchvision's with the
   dynamic classifier at ``classifier.0``; MobileNetV2 as in :func:`_dcd_mobilenetv2_renames`. DCD
   layers keep the official ``conv_dy`` names (``conv``, ``q``, ``p``, ``bn1``, ``bn2``, ``fc.*``).
+- DGC (zhuogege1943/dgc ``models/dynamic_resnet.py``, ``dyresnet18``): torchvision names; the DGC
+  layers keep the official ``norm``, ``headconv_{h}.{conv,fc1,fc2}`` and ``_inactive_channels`` names;
+  the BatchNorm after a DGC downsample sits one level deeper, at ``downsample.1.norm``.
 - ConvNeXt (KernelWarehouse repo only): ``downsample_layers.0`` is the stem,
   ``downsample_layers.{i}`` the downsampling norm + conv, ``stages.{i}.{j}.dwconv/norm/pwconv1/
   pwconv2/gamma`` the blocks, ``norm`` and ``head`` the head. The static model keeps ``pwconv``
@@ -24,7 +27,8 @@ official models (checked against OSVAI/ODConv ``models/*.py`` and OSVAI/KernelWa
 File formats: ODConv ``main.py`` saves ``{'state_dict': ..., 'epoch', 'acc', 'best_acc',
 'optimizer'}`` from the DDP wrapper (every key starts with ``module.``); KernelWarehouse
 ``utils.save_model`` saves ``{'model': ..., 'optimizer', 'epoch', 'scaler', 'args',
-'model_ema'?}`` without prefix.
+'model_ema'?}`` without prefix; DCD ``{'state_dict': ...}`` without prefix; DGC ``{'state_dict': ...,
+'epoch', 'best_prec1', 'optimizer'}`` from DataParallel (``module.`` prefix).
 """
 from __future__ import annotations
 
@@ -37,11 +41,12 @@ import torch
 from torch import nn
 
 from .backbones import CONVNEXT, MOBILENETV2, RESNET, detect_backbone
+from .ops.dgc import DGCConv2d
 from .registry import get_variant
 from .schedules import set_progress
 
-ODCONV, KW, DCD, STATE_DICT = "odconv", "kw", "dcd", "state_dict"
-FORMATS: Tuple[str, ...] = (ODCONV, KW, DCD, STATE_DICT)
+ODCONV, KW, DCD, DGC, STATE_DICT = "odconv", "kw", "dcd", "dgc", "state_dict"
+FORMATS: Tuple[str, ...] = (ODCONV, KW, DCD, DGC, STATE_DICT)
 _DDP_PREFIX = "module."
 
 Checkpoint = Union[str, "os.PathLike[str]", Mapping[str, Any]]
@@ -52,9 +57,11 @@ class ImportReport:
     """What :func:`import_official` loaded.
 
     Attributes:
-        source_format: ``odconv`` (``{'state_dict': {'module.' + key: ...}}``), ``kw``
-            (``{'model': ...}``), ``kw_ema`` (``{'model_ema': ...}``) or ``state_dict`` (a bare one).
-        layout: the official model definition the names were read as (``odconv``, ``kw`` or ``dcd``).
+        source_format: ``odconv`` (``{'state_dict': {'module.' + key: ...}}``), ``dcd`` / ``dgc``
+            (a ``'state_dict'`` file read for a DCD / DGC model), ``kw`` (``{'model': ...}``),
+            ``kw_ema`` (``{'model_ema': ...}``) or ``state_dict`` (a bare one).
+        layout: the official model definition the names were read as (``odconv``, ``kw``, ``dcd``
+            or ``dgc``).
         variant: the dynconv conv variant of the model.
         backbone: ``resnet``, ``mobilenetv2`` or ``convnext``.
         loaded: number of tensors copied.
@@ -182,19 +189,23 @@ def _family(model: nn.Module) -> Tuple[str, str]:
 def _layout(model: nn.Module) -> _Layout:
     variant, family = _family(model)
     backbone = detect_backbone(model)
-    if family not in ("static", "odconv", "kw", "dcd"):
+    if family not in ("static", "odconv", "kw", "dcd", "dgc"):
         raise ValueError(
             f"no official checkpoint layout for conv variant {variant!r}: import_official/export_official "
-            "support 'static', 'odconv_*' (OSVAI/ODConv), 'kw_*' (OSVAI/KernelWarehouse) and 'dcd' "
-            "(liyunsheng13/dcd) models"
+            "support 'static', 'odconv_*' (OSVAI/ODConv), 'kw_*' (OSVAI/KernelWarehouse), 'dcd' "
+            "(liyunsheng13/dcd) and 'dgc' (zhuogege1943/dgc) models"
         )
     if backbone not in (RESNET, MOBILENETV2, CONVNEXT):
         raise ValueError(
             f"no official checkpoint layout for a {backbone} backbone ({type(model).__name__}); "
             "supported: ResNet, MobileNetV2, ConvNeXt models from dynconv.create_model"
         )
-    if family in ("odconv", "dcd") and backbone == CONVNEXT:
-        raise ValueError(f"the official {family} code has no ConvNeXt model, so there is no official layout")
+    if family in ("odconv", "dcd", "dgc") and backbone == CONVNEXT or family == "dgc" and backbone != RESNET:
+        raise ValueError(f"the official {family} code has no {backbone} model, so there is no official layout")
+    if family == "dgc":
+        renames = {f"{name}.1": f"{name}.1.norm" for name, m in model.named_modules()
+                   if name.endswith(".downsample") and isinstance(m[0], DGCConv2d)}
+        return _Layout(DGC, renames, _same_shape)
     if family == "dcd":
         if backbone == RESNET:  # ResNet_dcd: classifier = Sequential(DYCls) (dropout=None, the default)
             return _Layout(DCD, {"fc": "classifier.0"}, _same_shape)
@@ -282,7 +293,7 @@ def _unwrap(checkpoint: Any, ema: bool, where: str) -> Tuple[Dict[str, torch.Ten
 def import_official(
     model: nn.Module, checkpoint: Checkpoint, *, ema: bool = False, final_schedule: bool = True
 ) -> ImportReport:
-    """Load a checkpoint written by the official ODConv or KernelWarehouse code into ``model``.
+    """Load a checkpoint written by the official ODConv, KernelWarehouse, DCD or DGC code into ``model``.
 
     Loading is strict: every tensor of the checkpoint must land in ``model`` and every tensor of
     ``model`` must come from the checkpoint, with equal shapes. Everything is checked before
@@ -290,14 +301,15 @@ def import_official(
 
     Args:
         model: a model from :func:`dynconv.create_model` (``static``, ``odconv_*``, ``kw_*`` or ``dcd`` on
-            ResNet / MobileNetV2; ``static`` or ``kw_*`` on ConvNeXt-T) matching the checkpoint's
-            architecture and options.
+            ResNet / MobileNetV2; ``dgc`` on ResNet; ``static`` or ``kw_*`` on ConvNeXt-T) matching the
+            checkpoint's architecture and options.
         checkpoint: a file path (read with ``torch.load(weights_only=True)``) or the loaded object:
-            an ODConv file (``{'state_dict': {'module.' + key: ...}}``), a KernelWarehouse file
-            (``{'model': ..., 'model_ema': ...}``) or a bare state dict (``module.`` prefixes dropped).
+            an ODConv, DCD or DGC file (``{'state_dict': ...}``, ``module.`` prefixes dropped), a
+            KernelWarehouse file (``{'model': ..., 'model_ema': ...}``) or a bare state dict.
         ema: read ``'model_ema'`` of a KernelWarehouse file (its EMA weights) instead of ``'model'``.
         final_schedule: set every scheduled layer to its end-of-training value (ODConv temperature 1,
-            KernelWarehouse tau 0), which is how the official code evaluates and fine-tunes.
+            KernelWarehouse tau 0, DGC fully pruned), which is how the official code evaluates and
+            fine-tunes.
 
     Returns:
         An :class:`ImportReport`.
@@ -314,6 +326,8 @@ def import_official(
         checkpoint = _load_file(checkpoint)
     state, fmt, prefix = _unwrap(checkpoint, ema, where)
     layout = _layout(model)
+    if fmt == ODCONV and layout.name in (DCD, DGC):  # the same {'state_dict': ...} file structure
+        fmt = layout.name
     names = official_names(model)
     target = model.state_dict()
     by_official = {official: key for key, official in names.items()}
@@ -368,9 +382,10 @@ def export_official(model: nn.Module, format: Optional[str] = None) -> Dict[str,
         format: ``odconv`` -> ``{'state_dict': {'module.' + key: tensor}}`` (ODConv ``main.py``),
             ``kw`` -> ``{'model': {key: tensor}}`` (KernelWarehouse ``utils.save_model``),
             ``dcd`` -> ``{'state_dict': {key: tensor}}`` (DCD ``main.py``),
+            ``dgc`` -> ``{'state_dict': {'module.' + key: tensor}}`` (DGC ``main.py``, DataParallel),
             ``state_dict`` -> the bare official state dict. Default: the format of the repository
             that defines the model's variant (``odconv`` for ODConv and static ResNet/MobileNetV2,
-            ``kw`` for KernelWarehouse and ConvNeXt, ``dcd`` for DCD).
+            ``kw`` for KernelWarehouse and ConvNeXt, ``dcd`` for DCD, ``dgc`` for DGC).
 
     Returns:
         A dict ``torch.save`` can write; tensors are detached CPU copies.
@@ -383,7 +398,7 @@ def export_official(model: nn.Module, format: Optional[str] = None) -> Dict[str,
     for key, value in model.state_dict().items():
         official = layout.official_key(key)
         state[official] = value.detach().cpu().clone().reshape(layout.official_shape(official, value.shape))
-    if format == ODCONV:
+    if format in (ODCONV, DGC):
         return {"state_dict": {_DDP_PREFIX + k: v for k, v in state.items()}}
     if format == KW:
         return {"model": state}

@@ -12,7 +12,7 @@ class ConvVariant:
 
     Attributes:
         name: the public name, e.g. ``odconv_4x``.
-        family: ``static``, ``attention``, ``condconv``, ``dyconv``, ``dcd``, ``odconv`` or ``kw``.
+        family: ``static``, ``attention``, ``condconv``, ``dyconv``, ``dcd``, ``odconv``, ``kw`` or ``dgc``.
         options: the family options that define the variant (overridable per call).
         summary: one line for listings.
     """
@@ -51,6 +51,8 @@ _VARIANTS: Dict[str, ConvVariant] = {
         _kw("kw_1x", 1, 1, "KernelWarehouse, budget 1x"),
         _kw("kw_2x", 2, 1, "KernelWarehouse, budget 2x"),
         _kw("kw_4x", 4, 1, "KernelWarehouse, budget 4x"),
+        ConvVariant("dgc", "dgc", {"heads": 4, "pruning_rate": 0.55},
+                    "DGC, 4 heads each dropping 55% of the input channels per sample"),
     )
 }
 for _v in _VARIANTS.values():

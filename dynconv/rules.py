@@ -16,6 +16,11 @@
   projection 1x1 convs of the expansion-6 blocks (first block, depthwise convs, stem and final 1x1
   static); and the classifier becomes DCD's dynamic one. ConvNeXt has no official DCD model; we treat
   it like MobileNetV2: the pointwise MLP convs dynamic, the depthwise 7x7 static.
+- DGC (zhuogege1943/dgc ``dyresnet18``): both BasicBlock convs and the downsample 1x1 (stem and fc
+  static); every block conv of a Bottleneck likewise. No official model exists for MobileNetV2 or
+  ConvNeXt; there DGC takes the dense pointwise convs (as in the official CondenseNet-DGC, whose
+  1x1 bottleneck convs are the dynamic ones) and the depthwise convs stay static. Convs whose widths
+  do not divide by the number of heads, or grouped convs, stay static on any backbone.
 - KernelWarehouse has its own plan with warehouse names (:mod:`dynconv.ops.kernelwarehouse`).
 - Generic CNNs (any other model): every ``nn.Conv2d`` but the first one (the stem).
 """
@@ -60,6 +65,12 @@ LAYER_RULES: Dict[str, Dict[str, SiteRule]] = {
     "dcd": {
         RESNET: roles("block"),
         MOBILENETV2: _dcd_mobilenetv2,
+        CONVNEXT: roles("pw"),
+        GENERIC: roles("conv"),
+    },
+    "dgc": {
+        RESNET: roles("block", "downsample"),
+        MOBILENETV2: roles("pw_expand", "pw_project", "head"),
         CONVNEXT: roles("pw"),
         GENERIC: roles("conv"),
     },

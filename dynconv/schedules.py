@@ -1,6 +1,6 @@
 """Training-progress schedules of the dynamic layers, as pure functions of progress in epochs.
 
-Layers that anneal something (attention temperature, KernelWarehouse mixing tau, DGC pruning ratio)
+Layers that anneal something (attention temperature, KernelWarehouse mixing tau, DGC pruning share)
 carry a ``schedule`` callable and receive its value through ``set_schedule_value``;
 :func:`set_progress` is the only thing a training loop calls. A freshly built layer holds the
 schedule's end value, so a loaded checkpoint evaluates the way the official code evaluates.
@@ -43,6 +43,39 @@ def attention_temperature(epochs: float = 10.0, start: float = 30.0) -> LinearRa
 def warehouse_mixing(epochs: float = 20.0) -> LinearRamp:
     """KernelWarehouse tau: 1 -> 0 over ``epochs`` (20 in the ResNet/ConvNeXt configs, 15 for MobileNetV2)."""
     return LinearRamp(1.0, 0.0, epochs)
+
+
+@dataclass(frozen=True)
+class PruningStages:
+    """DGC's three-stage pruning schedule, as the fraction of the pruning target reached.
+
+    Su et al., "Dynamic Group Convolution for Accelerating Convolutional Neural Networks", ECCV 2020;
+    official code zhuogege1943/dgc ``layers.py``. With progress ``p = epoch / epochs``: nothing is
+    pruned up to ``p = 1/12`` (warm-up), then the pruned share grows linearly as ``1.5 (p - 1/12)``
+    and reaches the full target at ``p = 3/4``, where it stays (fine-tuning). For the official 120
+    epochs that is 10 warm-up, 80 pruning and 30 fine-tuning epochs.
+    """
+
+    epochs: float = 120.0
+    warmup: float = 1.0 / 12
+    end: float = 3.0 / 4
+
+    def __call__(self, epoch: float) -> float:
+        p = epoch / self.epochs if self.epochs > 0 else float("inf")
+        if p <= self.warmup:
+            return 0.0
+        if p >= self.end:
+            return 1.0
+        return (p - self.warmup) / (self.end - self.warmup)
+
+    @property
+    def final(self) -> float:
+        return 1.0
+
+
+def dgc_pruning(epochs: float = 120.0) -> PruningStages:
+    """DGC pruning over a run of ``epochs`` (120 in the official ImageNet ResNet18 run)."""
+    return PruningStages(float(epochs))
 
 
 @runtime_checkable

@@ -11,15 +11,16 @@ from typing import Any, Callable, Dict, List, Tuple
 
 from torch import nn
 
-from .backbones import MOBILENETV2, RESNET, ConvSite, conv_sites, detect_backbone, get_submodule, set_submodule
+from .backbones import GENERIC, MOBILENETV2, RESNET, ConvSite, conv_sites, detect_backbone, get_submodule, set_submodule
 from .ops.attention_baselines import insert_residual_attention
 from .ops.condconv import CondConv2d
 from .ops.dcd import DCDConv2d, DCDLinear, mobilenetv2_dims
+from .ops.dgc import DGCConv2d
 from .ops.dyconv import DynamicConv2d
 from .ops.odconv import ODConv2d
 from .registry import get_variant
 from .rules import LAYER_RULES
-from .schedules import attention_temperature
+from .schedules import attention_temperature, dgc_pruning
 
 VARIANT_ATTR = "dynconv_variant"
 
@@ -115,6 +116,26 @@ def _dcd_converter(model, sites, backbone, options):
     return replaced
 
 
+def _dgc_converter(model, sites, backbone, options):
+    options = dict(options)
+    if "total_epochs" in options:
+        options["schedule"] = dgc_pruning(options.pop("total_epochs"))
+    # The official layer's internal BN-ReLU belongs to post-activation ResNets (and generic CNNs);
+    # MobileNetV2 and ConvNeXt convs already see normalised, activated inputs.
+    options.setdefault("preactivation", backbone in (RESNET, GENERIC))
+    _check_options(DGCConv2d, options)
+    heads = options.get("heads", 4)
+    rule = LAYER_RULES["dgc"][backbone]
+    replaced = []
+    for site in sites:
+        module = get_submodule(model, site.name)
+        if (isinstance(module, nn.Conv2d) and rule(site) and module.groups == 1
+                and module.in_channels % heads == 0 and module.out_channels % heads == 0):
+            set_submodule(model, site.name, DGCConv2d.from_conv(module, **options))
+            replaced.append((site.name, DGCConv2d.__name__))
+    return replaced
+
+
 def _attention_converter(model, sites, backbone, options):
     return insert_residual_attention(model, backbone, **options)
 
@@ -131,6 +152,7 @@ _CONVERTERS: Dict[str, Converter] = {
     "odconv": per_layer_converter(ODConv2d, "odconv"),
     "attention": _attention_converter,
     "dcd": _dcd_converter,
+    "dgc": _dgc_converter,
     "kw": _kw_converter,
 }
 

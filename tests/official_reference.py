@@ -2,8 +2,9 @@
 
 Written from the descriptions of OSVAI/ODConv (``models/od_resnet.py``, ``models/od_mobilenetv2.py``,
 ``modules/odconv.py``) and OSVAI/KernelWarehouse (``models/kw_resnet.py``, ``models/kw_mobilenetv2.py``,
-``modules/kernel_warehouse.py``) and liyunsheng13/dcd (``models/imagenet/resnet_dcd.py``) in
-``shared/reference/algorithms.md`` §1, §2 and §7; nothing here
+``modules/kernel_warehouse.py``), liyunsheng13/dcd (``models/imagenet/resnet_dcd.py``) and
+zhuogege1943/dgc (``layers.py``, ``models/dynamic_resnet.py``) in
+``shared/reference/algorithms.md`` §1, §2, §4 and §7; nothing here
 imports dynconv. Every dynamic layer builds each sample's kernel explicitly and convolves each
 sample alone (DCD: its decomposition is evaluated per sample, §7). Evaluation mode: BatchNorm with running statistics, ODConv temperature 1,
 KernelWarehouse tau 0 (so ``alpha = z / (sum |z| + 1e-3)``, and beta plays no part).
@@ -159,9 +160,33 @@ def dcd_classifier(state: State, prefix: str, pooled: torch.Tensor) -> torch.Ten
     return torch.stack(rows)
 
 
+def dgc_conv(state: State, prefix: str, x: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
+    """DynamicMultiHeadConv at eval, one sample and head at a time (§4.1): ``ReLU(BN(x))``; per head the
+    saliency ``ReLU(fc2(ReLU(fc1(GAP))))`` with its ``_inactive_channels`` smallest entries (and ties)
+    zeroed; the head's conv of ``x * g``; channel ``j`` of head ``h`` lands at ``j * heads + h``."""
+    x = torch.relu(batch_norm(state, f"{prefix}.norm", x))
+    inactive = int(state[f"{prefix}._inactive_channels"][0])
+    heads = sum(1 for key in state if key.startswith(f"{prefix}.headconv_") and key.endswith(".conv.weight"))
+    outs = []
+    for b in range(x.shape[0]):
+        v = x[b].mean((1, 2))
+        per_head = []
+        for h in range(heads):
+            p = f"{prefix}.headconv_{h}"
+            g = torch.relu(linear(state[f"{p}.fc2.weight"], torch.relu(linear(state[f"{p}.fc1.weight"], v)),
+                                  state[f"{p}.fc2.bias"]))
+            if inactive > 0:
+                g = torch.where(g <= torch.sort(g).values[inactive - 1], torch.zeros_like(g), g)
+            per_head.append(F.conv2d(x[b:b + 1] * g[:, None, None], state[f"{p}.conv.weight"], None, stride, padding))
+        outs.append(torch.stack(per_head, dim=2).flatten(1, 2))
+    return torch.cat(outs)
+
+
 def conv(state: State, prefix: str, x: torch.Tensor, c_out: int, k: int, stride: int = 1, groups: int = 1) -> torch.Tensor:
-    """A conv of the official model: ODConv, KW, DCD or plain, told apart by the keys it left in ``state``."""
+    """A conv of the official model: ODConv, KW, DCD, DGC or plain, told apart by the keys it left in ``state``."""
     padding = k // 2
+    if f"{prefix}.headconv_0.conv.weight" in state:
+        return dgc_conv(state, prefix, x, stride, padding)
     if f"{prefix}.q.weight" in state:  # resnet_dcd: BasicBlock convs pool 2x2 (conv_basic_dy)
         pool = 2 if state[f"{prefix}.fc.0.weight"].shape[1] == 4 * x.shape[1] else 1
         return dcd_conv(state, prefix, x, stride, padding, pool)
@@ -174,7 +199,7 @@ def conv(state: State, prefix: str, x: torch.Tensor, c_out: int, k: int, stride:
 
 
 def resnet18_forward(state: State, x: torch.Tensor) -> torch.Tensor:
-    """OD_ResNet / KW_ResNet with BasicBlocks [2, 2, 2, 2]: torchvision's layout (§1.5, §2.4)."""
+    """OD_ResNet / KW_ResNet / ResNet_dcd / dyresnet18 with BasicBlocks [2, 2, 2, 2]: torchvision's layout."""
     x = torch.relu(batch_norm(state, "bn1", conv(state, "conv1", x, 64, 7, stride=2)))
     x = F.max_pool2d(x, 3, 2, 1)
     for s, planes in enumerate((64, 128, 256, 512)):
@@ -182,8 +207,9 @@ def resnet18_forward(state: State, x: torch.Tensor) -> torch.Tensor:
             p, stride = f"layer{s + 1}.{b}", 2 if s > 0 and b == 0 else 1
             out = torch.relu(batch_norm(state, f"{p}.bn1", conv(state, f"{p}.conv1", x, planes, 3, stride)))
             out = batch_norm(state, f"{p}.bn2", conv(state, f"{p}.conv2", out, planes, 3))
-            if f"{p}.downsample.1.weight" in state:
-                x = batch_norm(state, f"{p}.downsample.1", conv(state, f"{p}.downsample.0", x, planes, 1, stride))
+            for norm in (f"{p}.downsample.1", f"{p}.downsample.1.norm"):  # dyresnet18: Norm_after_downsample
+                if f"{norm}.weight" in state:
+                    x = batch_norm(state, norm, conv(state, f"{p}.downsample.0", x, planes, 1, stride))
             x = torch.relu(out + x)
     return classify(state, x)
 

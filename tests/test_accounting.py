@@ -9,6 +9,7 @@ from torch import nn
 import dynconv
 from dynconv.ops import CondConv2d, DynamicConv2d, ODConv2d
 from dynconv.ops.dcd import DCDConv2d
+from dynconv.ops.dgc import DGCConv2d
 from dynconv.ops.kernelwarehouse import KWConv2d
 
 C_IN, C_OUT, K, HW = 16, 32, 3, 14
@@ -77,6 +78,35 @@ def test_dcd():
         aggregation=latent * latent * pixels,  # Phi(x) @ z
         scaling=C_OUT * pixels,  # Lambda(x) * conv_W0(x)
     )
+
+
+def test_dgc_counts_the_kept_fraction_and_the_saliency_generators():
+    """The DGC paper's count: each head's conv at the kept share of its input channels, plus the
+    four saliency generators (fc1 C_in -> C_in / 8 and fc2 back, 8 = 16 halved below 80 channels)."""
+    layer = DGCConv2d(C_IN, C_OUT, K, padding=1)
+    kept = C_IN - round(C_IN * 0.55)
+    saliency = 4 * 2 * C_IN * (C_IN // 8)
+    assert breakdown(layer) == expect(dynamic_conv=CONV * kept // C_IN, attention=saliency)
+    dynconv.set_progress(layer, 0.0)  # warm-up: nothing pruned yet
+    assert breakdown(layer) == expect(attention=saliency)
+
+
+def test_dgc_resnet18_is_static_resnet18_at_the_kept_fraction_plus_saliency():
+    model = dynconv.create_model("resnet18", "dgc")
+    shapes = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, m=m: shapes.__setitem__(m, out.shape[2:]))
+             for m in model.modules() if isinstance(m, DGCConv2d)]
+    got = dynconv.count_macs(model)
+    for h in hooks:
+        h.remove()
+    expected = dynconv.count_macs(dynconv.create_model("resnet18"))
+    for layer, (h, w) in shapes.items():
+        dense = layer.out_channels * layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1] * h * w
+        kept = layer.in_channels - layer.inactive_channels
+        hidden = layer.headconv_0.fc1.out_features
+        expected += dense * kept // layer.in_channels - dense + 4 * 2 * layer.in_channels * hidden
+    assert len(shapes) == 19 and got == expected
+    assert 0.48 < got / dynconv.count_macs(dynconv.create_model("resnet18")) < 0.52  # about 45% of the convs
 
 
 def test_counts_scale_with_the_batch():

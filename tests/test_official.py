@@ -447,3 +447,59 @@ def test_dcd_round_trip(arch, tmp_path):
     assert report.layout == "dcd" and report.loaded == len(src.state_dict())
     _assert_same_state(_state(src), _state(dst))
     torch.testing.assert_close(_logits(dst), _logits(src), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ DGC (zhuogege1943/dgc)
+
+
+def _dgc_layer(prefix: str, cin: int, cout: int, k: int, heads: int = 4) -> Shapes:
+    """Keys of one official DynamicMultiHeadConv (layers.py): pre-BN, buffer, per-head conv and saliency FCs."""
+    hidden = cin // (16 if cin >= 80 else 8)
+    out = {**_bn(f"{prefix}.norm", cin), f"{prefix}._inactive_channels": (1,)}
+    for h in range(heads):
+        p = f"{prefix}.headconv_{h}"
+        out.update({f"{p}.conv.weight": (cout // heads, cin, k, k), f"{p}.fc1.weight": (hidden, cin),
+                    f"{p}.fc2.weight": (cin, hidden), f"{p}.fc2.bias": (cin,)})
+    return out
+
+
+def _dgc_resnet18() -> Shapes:
+    """dyresnet18 (models/dynamic_resnet.py): DGC block convs and downsample, whose BN is wrapped in
+    ``Norm_after_downsample`` (``downsample.1.norm``)."""
+    out = _resnet18(lambda p, cin, cout: _dgc_layer(p, cin, cout, 3), {"fc.weight": (1000, 512), "fc.bias": (1000,)})
+    for key in [k for k in out if ".downsample." in k]:
+        del out[key]
+    for s, planes in ((1, 128), (2, 256), (3, 512)):
+        p = f"layer{s + 1}.0.downsample"
+        out.update(_dgc_layer(f"{p}.0", planes // 2, planes, 1))
+        out.update(_bn(f"{p}.1.norm", planes))
+    return out
+
+
+def test_dgc_resnet18_layout_matches_official_definition():
+    ckpt = export_official(_build("resnet18", "dgc"))
+    assert list(ckpt) == ["state_dict"]
+    assert all(k.startswith("module.") for k in ckpt["state_dict"])  # DataParallel
+    assert _shapes(ckpt["state_dict"], "module.") == _dgc_resnet18()
+
+
+def test_dgc_file_round_trip(tmp_path):
+    src, dst = _build("resnet18", "dgc", seed=1), _build("resnet18", "dgc", seed=2)
+    dynconv.set_progress(src, 40.0)  # mid-ramp: the buffer carries the pruning state
+    _calibrated(src)  # saliencies scale with un-normalised inputs: a fresh net overflows in eval mode
+    assert torch.isfinite(_logits(src)).all()
+    path = tmp_path / "dgc_resnet18.pth.tar"
+    official = export_official(src)
+    torch.save({"epoch": 120, "best_prec1": 68.78, "optimizer": {"state": {}, "param_groups": []}, **official}, path)
+    report = import_official(dst, path, final_schedule=False)
+    assert (report.source_format, report.layout, report.loaded) == ("dgc", "dgc", len(src.state_dict()))
+    _assert_same_state(_state(src), _state(dst))
+    assert dst.layer4[1].conv2.inactive_channels == src.layer4[1].conv2.inactive_channels < round(512 * 0.55)
+    torch.testing.assert_close(_logits(dst), _logits(src), rtol=0, atol=0)
+    import_official(dst, path)  # by default, evaluation happens at the end of the schedule
+    assert dst.layer4[1].conv2.inactive_channels == round(512 * 0.55)
+
+
+def test_dgc_without_official_model_raises():
+    with pytest.raises(ValueError, match="no mobilenetv2 model"):
+        export_official(dynconv.create_model("mobilenetv2_100", "dgc"))

@@ -2,6 +2,7 @@
 from .attention_baselines import make_residual_attention
 from .condconv import CondConv2d
 from .dcd import DCDConv2d, DCDLinear
+from .dgc import DGCConv2d
 from .dyconv import DYAttention, DynamicConv2d
 from .functional import mix_kernels, per_sample_conv2d
 from .odconv import ODAttention, ODConv2d
@@ -10,6 +11,7 @@ __all__ = [
     "CondConv2d",
     "DCDConv2d",
     "DCDLinear",
+    "DGCConv2d",
     "DYAttention",
     "DynamicConv2d",
     "ODAttention",

@@ -1,0 +1,209 @@
+"""DGC: dynamic group convolution.
+
+Su, Fang, Yu, Liu, Wang, Chen, Huang, "Dynamic Group Convolution for Accelerating Convolutional
+Neural Networks", ECCV 2020, arXiv:2007.04242. Checked against the official code,
+zhuogege1943/dgc (``layers.py``: ``DynamicMultiHeadConv``, ``HeadConv``; ``models/dynamic_resnet.py``):
+
+- the input is normalised and activated inside the layer, ``x <- ReLU(BN(x))`` (``norm``);
+- each of ``heads`` heads has a saliency generator ``g_h = ReLU(fc2(ReLU(fc1(GAP(x)))))``
+  (``fc1`` without bias to ``C_in / s`` with ``s = squeeze_rate``, halved when ``C_in < 80``;
+  ``fc2`` back to ``C_in`` with its bias initialised to 1) and its own conv ``C_in -> C_out / heads``;
+- per sample and head the ``inactive`` input channels of lowest saliency are zeroed (ties with the
+  largest pruned value too, as the official ``<=`` test does) and the head convolves ``x * g_h``;
+- outputs are head-interleaved: channel ``j`` of head ``h`` is output channel ``j * heads + h``;
+- the lasso term of a head is the mean of ``g_h`` over batch and channels, summed over heads.
+
+Parameter names follow the official layer (``norm``, ``headconv_{h}.conv``, ``headconv_{h}.fc1``,
+``headconv_{h}.fc2``, the ``_inactive_channels`` buffer) so official checkpoints load.
+
+Computation. The official code concatenates the ``heads`` masked copies of the input and runs one
+grouped convolution: dense work and ``heads`` times the input's memory. Here the saliencies scale
+the *kernel* instead (``conv(x * g) = conv_{W * g}(x)``), giving one per-sample kernel in
+interleaved order that goes through the shared batched path; in eval mode the layer really skips
+the pruned channels: it gathers, per sample and head, only the kept input channels and the
+matching kernel slices and runs one grouped convolution with ``groups = heads`` (see
+:meth:`DGCConv2d.forward_sparse`), which costs the kept fraction of the dense MACs.
+
+Departures: ``fc1`` keeps at least one unit for very narrow layers (the official layer would have
+none); ``preactivation=False`` drops the internal BN-ReLU for backbones whose convs already see
+normalised, activated inputs (MobileNetV2, ConvNeXt: no official DGC model exists there); an
+optional static bias is added last.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..schedules import dgc_pruning
+from ._base import DynamicConv2dBase, IntOrPair, Padding
+from .functional import per_sample_conv2d
+
+LASSO_LAMBDA = 1e-5  # official --group-lasso-lambda default
+
+
+class SaliencyHead(nn.Module):
+    """One head of DGC: its saliency generator and its conv (official ``HeadConv``).
+
+    Only the saliency generator runs as a module; the conv's weight is read by :class:`DGCConv2d`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: Tuple[int, int], squeeze_rate: int) -> None:
+        super().__init__()
+        if in_channels < 80:
+            squeeze_rate = max(squeeze_rate // 2, 1)
+        hidden = max(in_channels // squeeze_rate, 1)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, bias=False)
+        self.fc1 = nn.Linear(in_channels, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, in_channels)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.kaiming_normal_(self.fc1.weight)
+        nn.init.kaiming_normal_(self.fc2.weight)
+        nn.init.constant_(self.fc2.bias, 1.0)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Saliency ``(B, C_in)`` of the pooled input ``(B, C_in)``."""
+        return F.relu(self.fc2(F.relu(self.fc1(pooled))))
+
+
+def gate(saliency: torch.Tensor, inactive: int) -> torch.Tensor:
+    """Zero, per row of ``saliency`` (..., C), the ``inactive`` smallest entries and every entry tied
+    with the largest of them (official ``HeadConv``: top-k smallest on a detached copy, then ``<=``)."""
+    if inactive <= 0:
+        return saliency
+    detached = saliency.detach()
+    threshold = detached.topk(inactive, dim=-1, largest=False, sorted=False).values.amax(-1, keepdim=True)
+    return saliency.masked_fill(detached <= threshold, 0.0)
+
+
+class DGCConv2d(DynamicConv2dBase):
+    """Drop-in ``nn.Conv2d`` with DGC's per-head saliency gating of input channels.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, bias: as ``nn.Conv2d``
+            (``groups`` must be 1; both widths divisible by ``heads``).
+        heads: number of heads (4 in the paper).
+        pruning_rate: share of input channels each head drops at the end of the schedule
+            (official ``gate_factor = 1 - pruning_rate``; 0.55 in the ImageNet ResNet18 run).
+        squeeze_rate: saliency-generator reduction (16, halved below 80 input channels).
+        preactivation: apply the official internal ``ReLU(BN(x))`` first.
+        lasso_lambda: weight of the lasso term the layer records for :func:`dynconv.auxiliary_loss`.
+        schedule: pruned share of the target as a function of epochs (default
+            :func:`dynconv.schedules.dgc_pruning`, 120 epochs); a fresh layer is fully pruned.
+        sparse: ``None`` (default) skips pruned channels in eval mode, ``True`` always, ``False`` never.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntOrPair,
+        stride: IntOrPair = 1,
+        padding: Padding = 0,
+        dilation: IntOrPair = 1,
+        groups: int = 1,
+        bias: bool = False,
+        heads: int = 4,
+        pruning_rate: float = 0.55,
+        squeeze_rate: int = 16,
+        preactivation: bool = True,
+        lasso_lambda: float = LASSO_LAMBDA,
+        schedule: Optional[Callable[[float], float]] = None,
+        sparse: Optional[bool] = None,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
+        if groups != 1:
+            raise ValueError(f"DGCConv2d needs groups=1 (each head sees every input channel), got {groups}")
+        if in_channels % heads or out_channels % heads:
+            raise ValueError(f"DGC needs in_channels ({in_channels}) and out_channels ({out_channels}) divisible "
+                             f"by heads ({heads})")
+        if not 0.0 <= pruning_rate < 1.0:
+            raise ValueError(f"pruning_rate must be in [0, 1), got {pruning_rate}")
+        self.heads = heads
+        self.pruning_rate = pruning_rate
+        self.lasso_lambda = lasso_lambda
+        self.sparse = sparse
+        self.norm = nn.BatchNorm2d(in_channels) if preactivation else None
+        for h in range(heads):
+            self.add_module(f"headconv_{h}", SaliencyHead(in_channels, out_channels // heads, self.kernel_size,
+                                                          squeeze_rate))
+        self.attention_children = tuple(f"headconv_{h}" for h in range(heads))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.schedule = schedule or dgc_pruning()
+        self.register_buffer("_inactive_channels", torch.zeros(1))
+        self.auxiliary_loss: Optional[torch.Tensor] = None
+        self.set_schedule_value(self.schedule(float("inf")))
+
+    # -- schedule -----------------------------------------------------------------------------
+
+    @property
+    def inactive_channels(self) -> int:
+        """Input channels each head drops per sample now."""
+        return self._inactive
+
+    def set_schedule_value(self, value: float) -> None:
+        self._inactive = round(self.in_channels * self.pruning_rate * value)
+        self._inactive_channels.fill_(self._inactive)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._inactive = int(self._inactive_channels.item())
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def head_modules(self) -> Tuple[SaliencyHead, ...]:
+        return tuple(getattr(self, f"headconv_{h}") for h in range(self.heads))
+
+    def head_weights(self) -> torch.Tensor:
+        """``(heads, C_out / heads, C_in, kh, kw)``."""
+        return torch.stack([head.conv.weight for head in self.head_modules()])
+
+    def saliency(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(gated saliency (B, heads, C_in), lasso term)`` of the (pre-activated) input."""
+        pooled = x.mean((2, 3))
+        raw = torch.stack([head(pooled) for head in self.head_modules()], dim=1)
+        return gate(raw, self._inactive), raw.mean((0, 2)).sum()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm is not None:
+            x = F.relu(self.norm(x))
+        saliency, lasso = self.saliency(x)
+        self.auxiliary_loss = self.lasso_lambda * lasso if self.training else None
+        use_sparse = self.sparse if self.sparse is not None else not self.training
+        if use_sparse and self._inactive > 0:
+            out = self.forward_sparse(x, saliency)
+        else:
+            out = self.forward_dense(x, saliency)
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
+        return out
+
+    def forward_dense(self, x: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
+        """Every head over every input channel, the saliencies folded into per-sample kernels whose
+        rows are already in the interleaved output order."""
+        weight = self.head_weights().transpose(0, 1)  # (C_out / heads, heads, C_in, kh, kw)
+        kernels = weight.unsqueeze(0) * saliency[:, None, :, :, None, None]
+        kernels = kernels.reshape(x.shape[0], self.out_channels, self.in_channels, *self.kernel_size)
+        return per_sample_conv2d(x, kernels, None, self.stride, self.padding, self.dilation)
+
+    def forward_sparse(self, x: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
+        """Only the kept channels: per sample and head, gather the ``C_in - inactive`` channels of
+        highest saliency (a pruned tie keeps its zero saliency, so the result equals the dense
+        path) and the matching kernel slices, then one convolution with ``groups = heads``."""
+        batch, heads = x.shape[0], self.heads
+        kept = self.in_channels - self._inactive
+        values, index = saliency.topk(kept, dim=-1, sorted=False)  # (B, heads, kept)
+        weight = self.head_weights().transpose(1, 2)  # (heads, C_in, C_out / heads, kh, kw)
+        head_index = torch.arange(heads, device=x.device).view(1, heads, 1)
+        kernels = weight[head_index, index] * values[..., None, None, None]  # (B, heads, kept, C_out/heads, kh, kw)
+        kernels = kernels.transpose(2, 3).reshape(batch, self.out_channels, kept, *self.kernel_size)
+        inputs = x[torch.arange(batch, device=x.device)[:, None], index.flatten(1)]  # (B, heads * kept, H, W)
+        out = per_sample_conv2d(inputs, kernels, None, self.stride, self.padding, self.dilation, groups=heads)
+        b, c, h, w = out.shape
+        return out.view(b, heads, c // heads, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", heads={self.heads}, pruning_rate={self.pruning_rate}, "
+                f"inactive_channels={self._inactive}")
