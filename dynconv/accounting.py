@@ -5,7 +5,9 @@ kernel-mixing matmuls are counted by ``torch.utils.flop_counter.FlopCounterMode`
 actually run. The elementwise products of the dynamic layers (ODConv's attentions applied to the
 input, the output and the kernels) are invisible to such counters (``reference/ecosystem.md`` §5.3),
 so each such layer reports them through ``elementwise_macs(x, y)`` and they are added here; kernel
-aggregation is counted as the paper's formula writes it (see ``ODConv2d.elementwise_macs``).
+aggregation is counted as the paper's formula writes it (see ``ODConv2d.elementwise_macs``). A layer
+may also return a negative part there, for work the paper does not count (DGC's zero-saliency
+padding channels, ``DGCConv2d.elementwise_macs``).
 BatchNorm, activations and pooling are not counted. :func:`macs_breakdown` says where the MACs go.
 """
 from __future__ import annotations
@@ -43,7 +45,7 @@ def macs_breakdown(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224
     """
     param = next(model.parameters())
     x = torch.randn(*input_size, generator=torch.Generator().manual_seed(0)).to(param.device, param.dtype)
-    elementwise = {"aggregation": 0, "scaling": 0}
+    elementwise = dict.fromkeys(MAC_KINDS[1:], 0)
 
     def add_elementwise(module, inputs, output):
         for kind, macs in module.elementwise_macs(inputs[0], output).items():

@@ -31,7 +31,7 @@ optional static bias is added last.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,7 @@ from ._base import DynamicConv2dBase, IntOrPair, Padding
 from .functional import per_sample_conv2d
 
 LASSO_LAMBDA = 1e-5  # official --group-lasso-lambda default
+_CHANNEL_BLOCK = {"cpu": 16}  # per device type: channels per group rounded up to this on the sparse path
 
 
 class SaliencyHead(nn.Module):
@@ -134,6 +135,7 @@ class DGCConv2d(DynamicConv2dBase):
         self.schedule = schedule or dgc_pruning()
         self.register_buffer("_inactive_channels", torch.zeros(1))
         self.auxiliary_loss: Optional[torch.Tensor] = None
+        self._weight_cache: Optional[Tuple[tuple, torch.Tensor]] = None
         self.set_schedule_value(self.schedule(float("inf")))
 
     # -- schedule -----------------------------------------------------------------------------
@@ -171,8 +173,7 @@ class DGCConv2d(DynamicConv2dBase):
             x = F.relu(self.norm(x))
         saliency, lasso = self.saliency(x)
         self.auxiliary_loss = self.lasso_lambda * lasso if self.training else None
-        use_sparse = self.sparse if self.sparse is not None else not self.training
-        if use_sparse and self._inactive > 0:
+        if self._uses_sparse_path():
             out = self.forward_sparse(x, saliency)
         else:
             out = self.forward_dense(x, saliency)
@@ -188,21 +189,59 @@ class DGCConv2d(DynamicConv2dBase):
         kernels = kernels.reshape(x.shape[0], self.out_channels, self.in_channels, *self.kernel_size)
         return per_sample_conv2d(x, kernels, None, self.stride, self.padding, self.dilation)
 
-    def forward_sparse(self, x: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
-        """Only the kept channels: per sample and head, gather the ``C_in - inactive`` channels of
-        highest saliency (a pruned tie keeps its zero saliency, so the result equals the dense
-        path) and the matching kernel slices, then one convolution with ``groups = heads``."""
-        batch, heads = x.shape[0], self.heads
+    def sparse_width(self, device: torch.device) -> int:
+        """Input channels each head reads on the sparse path: the kept ones, rounded up to the
+        channel block of oneDNN's CPU kernels (16 floats in AVX-512), where a grouped convolution of
+        29 channels per group runs twice as slow as one of 32. The extra channels are pruned ones,
+        whose saliency is zero, so they change nothing but the work (which :meth:`elementwise_macs`
+        takes back out of the MAC count)."""
         kept = self.in_channels - self._inactive
-        values, index = saliency.topk(kept, dim=-1, sorted=False)  # (B, heads, kept)
-        weight = self.head_weights().transpose(1, 2)  # (heads, C_in, C_out / heads, kh, kw)
+        block = _CHANNEL_BLOCK.get(device.type, 1)
+        return min(self.in_channels, -(-kept // block) * block)
+
+    def weight_by_input_channel(self) -> torch.Tensor:
+        """``(heads, C_in, C_out / heads, kh, kw)``, contiguous, so gathering input channels copies
+        whole rows. Without autograd it is cached until a head's weight changes (eval on late
+        layers otherwise spends as long transposing the weights as convolving)."""
+        if torch.is_grad_enabled() and any(h.conv.weight.requires_grad for h in self.head_modules()):
+            return self.head_weights().transpose(1, 2).contiguous()
+        key = tuple((h.conv.weight.data_ptr(), h.conv.weight._version) for h in self.head_modules())
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            self._weight_cache = (key, self.head_weights().transpose(1, 2).contiguous())
+        return self._weight_cache[1]
+
+    def forward_sparse(self, x: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
+        """Only the kept channels: per sample and head, gather the input channels of highest
+        saliency (a pruned tie keeps its zero saliency, so the result equals the dense path) and
+        the matching kernel slices, then one convolution with ``groups = heads``."""
+        batch, heads = x.shape[0], self.heads
+        width = self.sparse_width(x.device)
+        values, index = saliency.topk(width, dim=-1, sorted=False)  # (B, heads, width)
         head_index = torch.arange(heads, device=x.device).view(1, heads, 1)
-        kernels = weight[head_index, index] * values[..., None, None, None]  # (B, heads, kept, C_out/heads, kh, kw)
-        kernels = kernels.transpose(2, 3).reshape(batch, self.out_channels, kept, *self.kernel_size)
-        inputs = x[torch.arange(batch, device=x.device)[:, None], index.flatten(1)]  # (B, heads * kept, H, W)
+        kernels = self.weight_by_input_channel()[head_index, index]  # (B, heads, width, C_out/heads, kh, kw)
+        inputs = x[torch.arange(batch, device=x.device)[:, None], index.flatten(1)]  # (B, heads * width, H, W)
+        # Scale whichever is smaller by the saliencies: the kernels on early layers, the input on late ones.
+        if kernels[0].numel() <= inputs[0].numel():
+            kernels = kernels * values[..., None, None, None]
+        else:
+            inputs = inputs * values.reshape(batch, heads * width, 1, 1)
+        kernels = kernels.transpose(2, 3).reshape(batch, self.out_channels, width, *self.kernel_size)
         out = per_sample_conv2d(inputs, kernels, None, self.stride, self.padding, self.dilation, groups=heads)
         b, c, h, w = out.shape
         return out.view(b, heads, c // heads, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+    def _uses_sparse_path(self) -> bool:
+        return (self.sparse if self.sparse is not None else not self.training) and self._inactive > 0
+
+    def elementwise_macs(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, int]:
+        """Takes the zero-saliency padding channels of the sparse path back out of the convolution's
+        count, so that :func:`dynconv.count_macs` is the paper's: the kept share of the dense conv
+        plus the saliency generators (the kernel scaling is not counted, as in the paper)."""
+        if not self._uses_sparse_path():
+            return {}
+        padding = self.sparse_width(x.device) - (self.in_channels - self._inactive)
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        return {"dynamic_conv": -y.shape[0] * y.shape[2] * y.shape[3] * self.out_channels * padding * taps}
 
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", heads={self.heads}, pruning_rate={self.pruning_rate}, "

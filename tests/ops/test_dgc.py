@@ -18,6 +18,7 @@ SHAPES = {
     "dilation2": (12, 8, 3, 1, 2, 2, 8, 8),
     "downsample1x1": (8, 16, 1, 2, 0, 1, 7, 7),
     "k5": (4, 8, 5, 1, 2, 1, 6, 9),
+    "wide": (64, 16, 3, 1, 1, 1, 5, 6),  # 29 kept channels, read as 32 on the CPU sparse path
 }
 
 
@@ -118,6 +119,21 @@ def test_eval_uses_the_sparse_path_and_it_does_fewer_macs():
     kept = 64 - round(64 * 0.55)
     head_fcs = 4 * 2 * 64 * (64 // 8)  # fc1 + fc2 per head, squeeze 16 halved below 80 channels
     assert dynconv.count_macs(layer, (1, 64, 8, 8)) == 64 * kept * 9 * 64 + head_fcs
+
+
+def test_sparse_path_sees_weight_updates_without_autograd():
+    """The eval path caches a transposed copy of the weights; an in-place update must reach it."""
+    layer = make_layer(SHAPES["wide"]).eval()
+    x = inputs(SHAPES["wide"], 2).detach()
+    with torch.no_grad():
+        before = layer(x)
+        for head in layer.head_modules():
+            head.conv.weight.mul_(2)
+        after = layer(x)
+        layer.sparse = False
+        dense = layer(x)
+    torch.testing.assert_close(after, 2 * before)
+    torch.testing.assert_close(after, dense)
 
 
 def test_ties_among_pruned_saliencies_are_pruned_too():
