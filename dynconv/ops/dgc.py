@@ -42,6 +42,7 @@ from ._base import DynamicConv2dBase, IntOrPair, Padding
 from .functional import per_sample_conv2d
 
 LASSO_LAMBDA = 1e-5  # official --group-lasso-lambda default
+_MATMUL_MAX_PIXELS = 256  # sparse path: unfold + matmul up to this many output pixels, conv above
 _CHANNEL_BLOCK = {"cpu": 16}  # per device type: channels per group rounded up to this on the sparse path
 
 
@@ -77,6 +78,15 @@ def gate(saliency: torch.Tensor, inactive: int) -> torch.Tensor:
     detached = saliency.detach()
     threshold = detached.topk(inactive, dim=-1, largest=False, sorted=False).values.amax(-1, keepdim=True)
     return saliency.masked_fill(detached <= threshold, 0.0)
+
+
+def _contiguous_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a * b`` written straight into a contiguous tensor when ``a`` is a strided view (one pass
+    instead of a product that keeps ``a``'s strides plus a copy); autograd cannot use ``out=``."""
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return (a * b).contiguous()
+    out = torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=a.dtype, device=a.device)
+    return torch.mul(a, b, out=out)
 
 
 class DGCConv2d(DynamicConv2dBase):
@@ -170,7 +180,7 @@ class DGCConv2d(DynamicConv2dBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.norm is not None:
-            x = F.relu(self.norm(x))
+            x = F.relu(self.norm(x), inplace=True)
         saliency, lasso = self.saliency(x)
         self.auxiliary_loss = self.lasso_lambda * lasso if self.training else None
         if self._uses_sparse_path():
@@ -200,35 +210,61 @@ class DGCConv2d(DynamicConv2dBase):
         return min(self.in_channels, -(-kept // block) * block)
 
     def weight_by_input_channel(self) -> torch.Tensor:
-        """``(heads, C_in, C_out / heads, kh, kw)``, contiguous, so gathering input channels copies
-        whole rows. Without autograd it is cached until a head's weight changes (eval on late
-        layers otherwise spends as long transposing the weights as convolving)."""
+        """``(heads, C_in, kh * kw, C_out / heads)``, contiguous, so gathering input channels copies
+        whole rows, and the gathered rows are a matrix the sparse matmul reads transposed for free.
+        Without autograd it is cached until a head's weight changes (on late layers rebuilding it
+        would take as long as the convolution)."""
         if torch.is_grad_enabled() and any(h.conv.weight.requires_grad for h in self.head_modules()):
-            return self.head_weights().transpose(1, 2).contiguous()
+            return self._by_input_channel()
         key = tuple((h.conv.weight.data_ptr(), h.conv.weight._version) for h in self.head_modules())
         if self._weight_cache is None or self._weight_cache[0] != key:
-            self._weight_cache = (key, self.head_weights().transpose(1, 2).contiguous())
+            self._weight_cache = (key, self._by_input_channel())
         return self._weight_cache[1]
+
+    def _by_input_channel(self) -> torch.Tensor:
+        w = self.head_weights()  # (heads, C_out/heads, C_in, kh, kw)
+        return w.flatten(3).permute(0, 2, 3, 1).contiguous()
+
+    def sparse_uses_matmul(self, out_pixels: int) -> bool:
+        """Sparse path choice: with few output pixels the gathered kernels outweigh the activations,
+        and a matmul over ``unfold``-ed inputs reads them in place; with many, oneDNN's grouped
+        convolution wins (``scripts/bench_dgc.py`` per-layer table)."""
+        return not isinstance(self.padding, str) and out_pixels <= _MATMUL_MAX_PIXELS
 
     def forward_sparse(self, x: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
         """Only the kept channels: per sample and head, gather the input channels of highest
         saliency (a pruned tie keeps its zero saliency, so the result equals the dense path) and
-        the matching kernel slices, then one convolution with ``groups = heads``."""
-        batch, heads = x.shape[0], self.heads
+        the matching kernel rows, then either one convolution with ``groups = heads`` or one
+        batched matmul over the unfolded inputs."""
+        batch, heads, c_in = x.shape[0], self.heads, self.in_channels
+        c_head, taps = self.out_channels // heads, self.kernel_size[0] * self.kernel_size[1]
         width = self.sparse_width(x.device)
         values, index = saliency.topk(width, dim=-1, sorted=False)  # (B, heads, width)
-        head_index = torch.arange(heads, device=x.device).view(1, heads, 1)
-        kernels = self.weight_by_input_channel()[head_index, index]  # (B, heads, width, C_out/heads, kh, kw)
-        inputs = x[torch.arange(batch, device=x.device)[:, None], index.flatten(1)]  # (B, heads * width, H, W)
-        # Scale whichever is smaller by the saliencies: the kernels on early layers, the input on late ones.
-        if kernels[0].numel() <= inputs[0].numel():
-            kernels = kernels * values[..., None, None, None]
-        else:
+        # index_select copies whole contiguous rows (much faster than advanced indexing).
+        heads_first = torch.arange(heads, device=x.device).view(1, heads, 1) * c_in
+        rows = self.weight_by_input_channel().reshape(heads * c_in, -1).index_select(0, (index + heads_first).flatten())
+        rows = rows.view(batch, heads, width, taps, c_head)
+        samples_first = torch.arange(batch, device=x.device).view(batch, 1, 1) * c_in
+        inputs = x.reshape(batch * c_in, -1).index_select(0, (index + samples_first).flatten())
+        inputs = inputs.view(batch, heads * width, *x.shape[2:])
+        out_h, out_w = (self._out_size(x.shape[2 + axis], axis) for axis in (0, 1))
+        if self.sparse_uses_matmul(out_h * out_w):
             inputs = inputs * values.reshape(batch, heads * width, 1, 1)
-        kernels = kernels.transpose(2, 3).reshape(batch, self.out_channels, width, *self.kernel_size)
+            cols = F.unfold(inputs.view(batch * heads, width, *x.shape[2:]), self.kernel_size, self.dilation,
+                            self.padding, self.stride)  # (B * heads, width * taps, pixels)
+            out = torch.bmm(rows.view(batch * heads, width * taps, c_head).transpose(1, 2), cols)
+            return out.view(batch, heads, c_head, out_h, out_w).transpose(1, 2).reshape(batch, -1, out_h, out_w)
+        # Conv layout (B, heads, C_out/heads, width, kh, kw), saliency-scaled in the same pass.
+        kernels = _contiguous_product(rows.permute(0, 1, 4, 2, 3), values[:, :, None, :, None])
+        kernels = kernels.view(batch, self.out_channels, width, *self.kernel_size)
         out = per_sample_conv2d(inputs, kernels, None, self.stride, self.padding, self.dilation, groups=heads)
-        b, c, h, w = out.shape
-        return out.view(b, heads, c // heads, h, w).transpose(1, 2).reshape(b, c, h, w)
+        return out.view(batch, heads, c_head, out_h, out_w).transpose(1, 2).reshape(batch, -1, out_h, out_w)
+
+    def _out_size(self, size: int, axis: int) -> int:
+        if isinstance(self.padding, str):  # "same" (stride 1) or "valid"
+            return size if self.padding == "same" else size - self.dilation[axis] * (self.kernel_size[axis] - 1)
+        span = self.dilation[axis] * (self.kernel_size[axis] - 1) + 1
+        return (size + 2 * self.padding[axis] - span) // self.stride[axis] + 1
 
     def _uses_sparse_path(self) -> bool:
         return (self.sparse if self.sparse is not None else not self.training) and self._inactive > 0
