@@ -67,7 +67,7 @@ def macs_breakdown(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224
     out = dict.fromkeys(MAC_KINDS, 0)
     for name, module in model.named_modules():
         if isinstance(module, DynamicConv2dBase):
-            for kind, macs in _counted_in_layer(counts, f"{root}.{name}", module.attention_children).items():
+            for kind, macs in _counted_in_layer(counts, f"{root}.{name}", module).items():
                 out[kind] += macs
     out["static"] = counter.get_total_flops() // 2 - sum(out.values())
     for kind, macs in elementwise.items():
@@ -76,14 +76,18 @@ def macs_breakdown(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224
     return out
 
 
-def _counted_in_layer(counts: Dict[str, Dict[Any, int]], path: str, attention: Sequence[str]) -> Dict[str, int]:
+def _counted_in_layer(counts: Dict[str, Dict[Any, int]], path: str, layer: DynamicConv2dBase) -> Dict[str, int]:
     """What the FLOP counter saw inside one dynamic layer: its convolutions, its attention branch,
-    and its matmuls (the kernel mixing)."""
+    and its matmuls (the kernel mixing, or the convolution where the layer runs it as a matmul)."""
     out = {"dynamic_conv": 0, "attention": 0, "aggregation": 0}
+
+    def kind(op: Any) -> str:
+        return "dynamic_conv" if op is torch.ops.aten.convolution else layer.matmul_macs_kind
+
     for op, flops in counts.get(path, {}).items():
-        out["dynamic_conv" if op is torch.ops.aten.convolution else "aggregation"] += flops // 2
-    for child in attention:
+        out[kind(op)] += flops // 2
+    for child in layer.attention_children:
         for op, flops in counts.get(f"{path}.{child}", {}).items():
-            out["dynamic_conv" if op is torch.ops.aten.convolution else "aggregation"] -= flops // 2
+            out[kind(op)] -= flops // 2
             out["attention"] += flops // 2
     return out

@@ -54,6 +54,8 @@ def family_option_names(family: str) -> set:
         return set(KW_OPTIONS)
     if family == "attention":
         return set()
+    if family == "icconv":
+        return {"patterns", "grid", "impl"}  # dynconv.ops.icconv.convert_icconv
     from .ops.condconv import CondConv2d
     from .ops.dcd import DCDConv2d
     from .ops.dgc import DGCConv2d

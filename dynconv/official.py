@@ -1,4 +1,4 @@
-"""Checkpoints of the official ODConv, KernelWarehouse, DCD and DGC code, in and out of dynconv models.
+"""Checkpoints of the official ODConv, KernelWarehouse, DCD, DGC and IC-Conv code, in and out of dynconv models.
 
 dynconv models are timm backbones; the official code defines its own ResNet, MobileNetV2 and
 ConvNeXt classes. The layers keep the official parameter names (``<conv>.weight`` and
@@ -19,6 +19,8 @@ official models (checked against OSVAI/ODConv ``models/*.py`` and OSVAI/KernelWa
 - DGC (zhuogege1943/dgc ``models/dynamic_resnet.py``, ``dyresnet18``): torchvision names; the DGC
   layers keep the official ``norm``, ``headconv_{h}.{conv,fc1,fc2}`` and ``_inactive_channels`` names;
   the BatchNorm after a DGC downsample sits one level deeper, at ``downsample.1.norm``.
+- IC-Conv (yifan123/IC-Conv ``ic_resnet*``): torchvision names; an Inception conv keeps the
+  official ``conv_list.{j}`` member convs, one per dilation pattern with a non-zero count.
 - ConvNeXt (KernelWarehouse repo only): ``downsample_layers.0`` is the stem,
   ``downsample_layers.{i}`` the downsampling norm + conv, ``stages.{i}.{j}.dwconv/norm/pwconv1/
   pwconv2/gamma`` the blocks, ``norm`` and ``head`` the head. The static model keeps ``pwconv``
@@ -28,7 +30,7 @@ File formats: ODConv ``main.py`` saves ``{'state_dict': ..., 'epoch', 'acc', 'be
 'optimizer'}`` from the DDP wrapper (every key starts with ``module.``); KernelWarehouse
 ``utils.save_model`` saves ``{'model': ..., 'optimizer', 'epoch', 'scaler', 'args',
 'model_ema'?}`` without prefix; DCD ``{'state_dict': ...}`` without prefix; DGC ``{'state_dict': ...,
-'epoch', 'best_prec1', 'optimizer'}`` from DataParallel (``module.`` prefix).
+'epoch', 'best_prec1', 'optimizer'}`` from DataParallel (``module.`` prefix); IC-Conv a bare state dict.
 """
 from __future__ import annotations
 
@@ -45,8 +47,8 @@ from .ops.dgc import DGCConv2d
 from .registry import get_variant
 from .schedules import set_progress
 
-ODCONV, KW, DCD, DGC, STATE_DICT = "odconv", "kw", "dcd", "dgc", "state_dict"
-FORMATS: Tuple[str, ...] = (ODCONV, KW, DCD, DGC, STATE_DICT)
+ODCONV, KW, DCD, DGC, ICCONV, STATE_DICT = "odconv", "kw", "dcd", "dgc", "icconv", "state_dict"
+FORMATS: Tuple[str, ...] = (ODCONV, KW, DCD, DGC, ICCONV, STATE_DICT)
 _DDP_PREFIX = "module."
 
 Checkpoint = Union[str, "os.PathLike[str]", Mapping[str, Any]]
@@ -60,8 +62,8 @@ class ImportReport:
         source_format: ``odconv`` (``{'state_dict': {'module.' + key: ...}}``), ``dcd`` / ``dgc``
             (a ``'state_dict'`` file read for a DCD / DGC model), ``kw`` (``{'model': ...}``),
             ``kw_ema`` (``{'model_ema': ...}``) or ``state_dict`` (a bare one).
-        layout: the official model definition the names were read as (``odconv``, ``kw``, ``dcd``
-            or ``dgc``).
+        layout: the official model definition the names were read as (``odconv``, ``kw``, ``dcd``,
+            ``dgc`` or ``icconv``).
         variant: the dynconv conv variant of the model.
         backbone: ``resnet``, ``mobilenetv2`` or ``convnext``.
         loaded: number of tensors copied.
@@ -189,23 +191,26 @@ def _family(model: nn.Module) -> Tuple[str, str]:
 def _layout(model: nn.Module) -> _Layout:
     variant, family = _family(model)
     backbone = detect_backbone(model)
-    if family not in ("static", "odconv", "kw", "dcd", "dgc"):
+    if family not in ("static", "odconv", "kw", "dcd", "dgc", "icconv"):
         raise ValueError(
             f"no official checkpoint layout for conv variant {variant!r}: import_official/export_official "
             "support 'static', 'odconv_*' (OSVAI/ODConv), 'kw_*' (OSVAI/KernelWarehouse), 'dcd' "
-            "(liyunsheng13/dcd) and 'dgc' (zhuogege1943/dgc) models"
+            "(liyunsheng13/dcd), 'dgc' (zhuogege1943/dgc) and 'icconv' (yifan123/IC-Conv) models"
         )
     if backbone not in (RESNET, MOBILENETV2, CONVNEXT):
         raise ValueError(
             f"no official checkpoint layout for a {backbone} backbone ({type(model).__name__}); "
             "supported: ResNet, MobileNetV2, ConvNeXt models from dynconv.create_model"
         )
-    if family in ("odconv", "dcd", "dgc") and backbone == CONVNEXT or family == "dgc" and backbone != RESNET:
+    if family in ("odconv", "dcd", "dgc", "icconv") and backbone == CONVNEXT or \
+            family in ("dgc", "icconv") and backbone != RESNET:
         raise ValueError(f"the official {family} code has no {backbone} model, so there is no official layout")
     if family == "dgc":
         renames = {f"{name}.1": f"{name}.1.norm" for name, m in model.named_modules()
                    if name.endswith(".downsample") and isinstance(m[0], DGCConv2d)}
         return _Layout(DGC, renames, _same_shape)
+    if family == "icconv":
+        return _Layout(ICCONV, {}, _same_shape)
     if family == "dcd":
         if backbone == RESNET:  # ResNet_dcd: classifier = Sequential(DYCls) (dropout=None, the default)
             return _Layout(DCD, {"fc": "classifier.0"}, _same_shape)
@@ -301,11 +306,11 @@ def import_official(
 
     Args:
         model: a model from :func:`dynconv.create_model` (``static``, ``odconv_*``, ``kw_*`` or ``dcd`` on
-            ResNet / MobileNetV2; ``dgc`` on ResNet; ``static`` or ``kw_*`` on ConvNeXt-T) matching the
-            checkpoint's architecture and options.
+            ResNet / MobileNetV2; ``dgc`` and ``icconv`` on ResNet; ``static`` or ``kw_*`` on ConvNeXt-T)
+            matching the checkpoint's architecture and options (for ``icconv``: its pattern file).
         checkpoint: a file path (read with ``torch.load(weights_only=True)``) or the loaded object:
             an ODConv, DCD or DGC file (``{'state_dict': ...}``, ``module.`` prefixes dropped), a
-            KernelWarehouse file (``{'model': ..., 'model_ema': ...}``) or a bare state dict.
+            KernelWarehouse file (``{'model': ..., 'model_ema': ...}``) or a bare state dict (IC-Conv).
         ema: read ``'model_ema'`` of a KernelWarehouse file (its EMA weights) instead of ``'model'``.
         final_schedule: set every scheduled layer to its end-of-training value (ODConv temperature 1,
             KernelWarehouse tau 0, DGC fully pruned), which is how the official code evaluates and
@@ -383,9 +388,10 @@ def export_official(model: nn.Module, format: Optional[str] = None) -> Dict[str,
             ``kw`` -> ``{'model': {key: tensor}}`` (KernelWarehouse ``utils.save_model``),
             ``dcd`` -> ``{'state_dict': {key: tensor}}`` (DCD ``main.py``),
             ``dgc`` -> ``{'state_dict': {'module.' + key: tensor}}`` (DGC ``main.py``, DataParallel),
-            ``state_dict`` -> the bare official state dict. Default: the format of the repository
-            that defines the model's variant (``odconv`` for ODConv and static ResNet/MobileNetV2,
-            ``kw`` for KernelWarehouse and ConvNeXt, ``dcd`` for DCD, ``dgc`` for DGC).
+            ``icconv`` and ``state_dict`` -> the bare official state dict (IC-Conv's released files).
+            Default: the format of the repository that defines the model's variant (``odconv`` for
+            ODConv and static ResNet/MobileNetV2, ``kw`` for KernelWarehouse and ConvNeXt, ``dcd``,
+            ``dgc`` and ``icconv`` for theirs).
 
     Returns:
         A dict ``torch.save`` can write; tensors are detached CPU copies.

@@ -12,20 +12,24 @@ class ConvVariant:
 
     Attributes:
         name: the public name, e.g. ``odconv_4x``.
-        family: ``static``, ``attention``, ``condconv``, ``dyconv``, ``dcd``, ``odconv``, ``kw`` or ``dgc``.
+        family: ``static``, ``attention``, ``condconv``, ``dyconv``, ``dcd``, ``odconv``, ``kw``, ``dgc`` or
+            ``icconv``.
         options: the family options that define the variant (overridable per call).
         summary: one line for listings.
+        timm_name: prefix of its timm model names when not the name without underscores.
     """
 
     name: str
     family: str
     options: Mapping[str, Any] = field(default_factory=dict)
     summary: str = ""
+    timm_name: str = ""
 
     @property
     def timm_prefix(self) -> str:
-        """Prefix of the timm model names: ``odconv_4x`` -> ``odconv4x`` (``odconv4x_resnet18``)."""
-        return self.name.replace("_", "")
+        """Prefix of the timm model names: ``odconv_4x`` -> ``odconv4x`` (``odconv4x_resnet18``);
+        ``icconv`` -> ``ic`` (``ic_resnet50``, the official IC-Conv model names)."""
+        return self.timm_name or self.name.replace("_", "")
 
 
 def _kw(name: str, cells: float, in_out: float, summary: str) -> ConvVariant:
@@ -53,6 +57,8 @@ _VARIANTS: Dict[str, ConvVariant] = {
         _kw("kw_4x", 4, 1, "KernelWarehouse, budget 4x"),
         ConvVariant("dgc", "dgc", {"heads": 4, "pruning_rate": 0.55},
                     "DGC, 4 heads each dropping 55% of the input channels per sample"),
+        ConvVariant("icconv", "icconv", {}, "Inception convolution: per-channel dilation patterns from a pattern file",
+                    timm_name="ic"),
     )
 }
 for _v in _VARIANTS.values():

@@ -146,6 +146,12 @@ def _kw_converter(model, sites, backbone, options):
     return convert_kernelwarehouse(model, sites, backbone, **options)
 
 
+def _icconv_converter(model, sites, backbone, options):
+    from .ops.icconv import convert_icconv
+
+    return convert_icconv(model, sites, backbone, options)
+
+
 _CONVERTERS: Dict[str, Converter] = {
     "condconv": per_layer_converter(CondConv2d, "condconv"),
     "dyconv": per_layer_converter(DynamicConv2d, "dyconv"),
@@ -154,6 +160,7 @@ _CONVERTERS: Dict[str, Converter] = {
     "dcd": _dcd_converter,
     "dgc": _dgc_converter,
     "kw": _kw_converter,
+    "icconv": _icconv_converter,
 }
 
 

@@ -10,6 +10,7 @@ import dynconv
 from dynconv.ops import CondConv2d, DynamicConv2d, ODConv2d
 from dynconv.ops.dcd import DCDConv2d
 from dynconv.ops.dgc import DGCConv2d
+from dynconv.ops.icconv import InceptionConv2d
 from dynconv.ops.kernelwarehouse import KWConv2d
 
 C_IN, C_OUT, K, HW = 16, 32, 3, 14
@@ -107,6 +108,19 @@ def test_dgc_resnet18_is_static_resnet18_at_the_kept_fraction_plus_saliency():
         expected += dense * kept // layer.in_channels - dense + 4 * 2 * layer.in_channels * hidden
     assert len(shapes) == 19 and got == expected
     assert 0.48 < got / dynconv.count_macs(dynconv.create_model("resnet18")) < 0.52  # about 45% of the convs
+
+
+@pytest.mark.parametrize("impl", ["loop", "union", "auto"])
+def test_icconv_counts_the_dense_conv_whatever_the_zero_taps_of_its_packed_kernels(impl):
+    pattern = {(1, 1): 8, (2, 1): 8, (1, 3): 8, (3, 2): 8}
+    layer = InceptionConv2d(C_IN, C_OUT, K, padding=1, pattern=pattern, impl=impl)
+    assert breakdown(layer) == expect()
+
+
+def test_ic_resnet50_costs_what_resnet50_costs():
+    """IC-Conv changes where the taps land, not how many there are (the paper's 4.1 GMACs)."""
+    assert dynconv.count_macs(dynconv.create_model("resnet50", "icconv")) == \
+        dynconv.count_macs(dynconv.create_model("resnet50"))
 
 
 def test_counts_scale_with_the_batch():

@@ -136,7 +136,7 @@ def test_every_pair_is_registered_with_timm():
     names = set(timm.list_models())
     for conv in CONVS[1:]:
         for arch in ARCHS:
-            assert f"{conv.replace('_', '')}_{arch}" in names
+            assert f"{dynconv.get_variant(conv).timm_prefix}_{arch}" in names
 
 
 def test_timm_create_model_builds_the_same_model():

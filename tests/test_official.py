@@ -7,6 +7,7 @@ The expected official key lists below are written from the official model defini
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Callable, Dict, Tuple
 
 import pytest
@@ -503,3 +504,51 @@ def test_dgc_file_round_trip(tmp_path):
 def test_dgc_without_official_model_raises():
     with pytest.raises(ValueError, match="no mobilenetv2 model"):
         export_official(dynconv.create_model("mobilenetv2_100", "dgc"))
+
+
+# ------------------------------------------------------------------ IC-Conv (yifan123/IC-Conv)
+
+
+def _ic_resnet50_keys(patterns) -> Shapes:
+    """ic_resnet50: torchvision Bottleneck names; each conv2 is ``conv_list.{j}`` over the patterns
+    with a non-zero count, in file order (algorithms.md §3.1-§3.2)."""
+    out: Shapes = {}
+    i, inplanes = 0, 64
+    for s, (planes, blocks) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3))):
+        for b in range(blocks):
+            cin = inplanes if b == 0 else planes * 4
+            j = 0
+            for count in patterns[i].values():
+                if count:
+                    out[f"layer{s + 1}.{b}.conv2.conv_list.{j}.weight"] = (count, planes, 3, 3)
+                    j += 1
+            out[f"layer{s + 1}.{b}.conv1.weight"] = (planes, cin, 1, 1)
+            i += 1
+        inplanes = planes * 4
+    return out
+
+
+def test_ic_resnet50_layout_matches_official_definition():
+    from dynconv.ops.icconv import load_patterns, official_pattern_path
+
+    raw = json.loads(official_pattern_path("detection_ic_resnet50_k9").read_text())
+    state = export_official(_build("resnet50", "icconv"))
+    assert "fc.weight" in state and "layer1.0.conv2.weight" not in state  # a bare state dict
+    expected = _ic_resnet50_keys(raw)
+    assert len(load_patterns(official_pattern_path("detection_ic_resnet50_k9"))) == 16
+    got = _shapes(state)
+    assert {k: got[k] for k in expected} == expected
+    assert sum(1 for k in got if ".conv_list." in k) == sum(1 for p in raw for c in p.values() if c)
+
+
+def test_icconv_round_trip_and_a_checkpoint_of_other_patterns(tmp_path):
+    src, dst = _build("resnet50", "icconv", seed=1), _build("resnet50", "icconv", seed=2)
+    path = tmp_path / "ic_resnet50.pth"
+    torch.save(export_official(src), path)
+    report = import_official(dst, path)
+    assert (report.source_format, report.layout, report.loaded) == ("state_dict", "icconv", len(src.state_dict()))
+    _assert_same_state(_state(src), _state(dst))
+    torch.testing.assert_close(_logits(dst), _logits(src), rtol=0, atol=0)
+    other = dynconv.create_model("resnet50", "icconv", patterns="segmentation_ic_resnet50_k9")
+    with pytest.raises(ValueError, match="does not fit this icconv"):
+        import_official(other, path)

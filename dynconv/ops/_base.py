@@ -45,6 +45,9 @@ class DynamicConv2dBase(nn.Module):
 
     # Child modules holding the layer's attention / routing branch (for MAC accounting).
     attention_children: Tuple[str, ...] = ("attention",)
+    # What the layer's own matmuls compute: mixing a kernel bank, or (DGC's small-map path) the
+    # convolution itself as unfold + matmul.
+    matmul_macs_kind: str = "aggregation"
 
     @property
     def is_depthwise(self) -> bool:

@@ -106,6 +106,8 @@ class DGCConv2d(DynamicConv2dBase):
         sparse: ``None`` (default) skips pruned channels in eval mode, ``True`` always, ``False`` never.
     """
 
+    matmul_macs_kind = "dynamic_conv"  # the sparse path's unfold + matmul is the convolution
+
     def __init__(
         self,
         in_channels: int,
