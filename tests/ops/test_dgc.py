@@ -19,6 +19,7 @@ SHAPES = {
     "downsample1x1": (8, 16, 1, 2, 0, 1, 7, 7),
     "k5": (4, 8, 5, 1, 2, 1, 6, 9),
     "wide": (64, 16, 3, 1, 1, 1, 5, 6),  # 29 kept channels, read as 32 on the CPU sparse path
+    "large_map": (8, 8, 3, 2, 1, 1, 35, 33),  # 18 x 17 output pixels: the grouped-conv sparse path
 }
 
 
@@ -107,6 +108,15 @@ def test_sparse_path_equals_dense_path(name, batch, training):
     sparse = layer(x)
     torch.testing.assert_close(sparse, dense)
     assert_same_grads(grads(sparse, layer, x), grads(dense, layer, x))
+
+
+def test_the_shapes_reach_both_sparse_kernels():
+    def uses_matmul(name):
+        cin, cout, k, s, p, d, h, w = SHAPES[name]
+        layer = make_layer(SHAPES[name])
+        return layer.sparse_uses_matmul(layer._out_size(h, 0) * layer._out_size(w, 1))
+
+    assert uses_matmul("3x3") and uses_matmul("downsample1x1") and not uses_matmul("large_map")
 
 
 def test_eval_uses_the_sparse_path_and_it_does_fewer_macs():

@@ -77,12 +77,13 @@ def make(case, impl, dtype=torch.float64):
     return layer
 
 
+@pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_path_matches_the_tap_reference(case, impl):
+def test_every_path_matches_the_tap_reference(case, impl, batch):
     layer = make(case, impl)
     h, w = CASES[case][-2:]
-    x = torch.randn(2, layer.in_channels, h, w, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(batch, layer.in_channels, h, w, dtype=torch.float64, requires_grad=True)
     y, y_ref = layer(x), reference(layer, x)
     torch.testing.assert_close(y, y_ref)
     grad = torch.randn_like(y)
@@ -194,6 +195,21 @@ def test_default_patterns_follow_the_authors_ratios():
     assert all(n % 32 == 0 for n in patterns[5].values())
     k13 = default_patterns([100], [2], grid="k13")[0]
     assert len(k13) == 31 and max(max(d) for d in k13) == 6
+
+
+@pytest.mark.parametrize("name", ["detection_ic_resnet50_k9", "segmentation_ic_resnet50_k9",
+                                  "human_pose_ic_resnet50_k13", "detection_ic_resnet101_k9",
+                                  "human_pose_ic_resnet101_k13"])
+def test_every_official_pattern_file_builds_its_network(name):
+    """Each entry's counts add up to the width of the conv it replaces, in network order."""
+    model = dynconv.create_model(name.split("_ic_")[1].rsplit("_", 1)[0], "icconv", num_classes=10, patterns=name)
+    layers = [m for m in model.modules() if isinstance(m, InceptionConv2d)]
+    assert [layer.pattern for layer in layers] == load_patterns(name)
+    assert all(sum(conv.out_channels for conv in layer.conv_list) == layer.out_channels for layer in layers)
+    assert [layer.out_channels for layer in layers][:4] == [64, 64, 64, 128]
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
 
 
 ARCH_LAYERS = {"resnet18": 16, "resnet34": 32, "resnet50": 16, "resnet101": 33, "mobilenetv2_050": 17,
