@@ -162,9 +162,9 @@ def make_synthetic_dataset(
                     rng = np.random.default_rng([seed, s, c, i])
                     Image.fromarray(render(name, image_size, rng)).save(folder / f"{i:05d}.png", compress_level=1)
         (tmp / MARKER).write_text(json.dumps(params, indent=1) + "\n")
-        if root.exists():
-            root.rmdir()  # empty (checked above)
         try:
+            if root.exists():
+                root.rmdir()  # empty when checked above, unless another process has finished since
             os.rename(tmp, root)
         except OSError:  # another process finished first
             if not _existing(root, params):

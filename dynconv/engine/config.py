@@ -1,0 +1,194 @@
+"""The training and evaluation configuration as plain dataclasses (the schema behind ``configs/``).
+
+``train.py`` registers :class:`TrainConfig` and :class:`EvalConfig` with Hydra's ConfigStore, so a
+misspelt key or a value of the wrong type fails at composition with the key's full name; the
+package itself never imports Hydra. :func:`validate` adds the checks that span several keys and
+runs before any data is read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+MISSING = "???"  # OmegaConf's marker for a mandatory value
+
+AMP_MODES = ("none", "bf16", "fp16")
+NAN_POLICIES = ("raise", "skip")
+SCHEDULERS = ("step", "cosine", "constant")
+ON_CORRUPT = ("raise", "skip")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+    drop_rate: float = 0.0  # dropout before the classifier
+    drop_path_rate: float = 0.0
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # anything else timm.create_model takes
+
+
+@dataclass
+class ConvConfig:
+    name: str = "static"
+    options: Dict[str, Any] = field(default_factory=dict)  # family options: kernel_num, temperature_epochs, ...
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "momentum"  # a timm optimizer name: momentum (SGD), sgd/nesterov (SGD + Nesterov), adamw, ...
+    lr: float = 0.1  # at a global batch of ``lr_batch``; scaled linearly to the run's global batch
+    lr_batch: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    decay_1d: bool = True  # weight decay on biases and norm parameters too (the classic recipe does)
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "step"  # step | cosine | constant
+    milestones: List[int] = field(default_factory=lambda: [30, 60, 90])  # step: epochs
+    decay_rate: float = 0.1
+    warmup_epochs: float = 0.0  # linear warm-up before the decay starts
+    warmup_lr: float = 0.0
+    min_lr: float = 0.0
+    per_iteration: bool = False  # update the LR every iteration rather than once per epoch
+
+
+@dataclass
+class AugConfig:
+    scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop area range
+    hflip: float = 0.5
+    color_jitter: float = 0.0
+    auto_augment: Optional[str] = None  # a timm RandAugment string, e.g. rand-m9-mstd0.5-inc1
+    reprob: float = 0.0  # random erasing
+    remode: str = "pixel"
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    smoothing: float = 0.0
+    train_interpolation: str = "bilinear"
+    eval_interpolation: str = "bilinear"
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = False
+    decay: float = 0.9999
+
+
+@dataclass
+class RecipeConfig:
+    name: str = "classic_100ep"
+    epochs: int = 100
+    batch_size: int = 256  # global: per-process batch x processes x accumulation steps
+    grad_clip: Optional[float] = None  # max gradient norm
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"  # synthetic | imagenet
+    root: str = MISSING
+    image_size: int = 224
+    crop_pct: float = 0.875  # eval: resize to image_size / crop_pct, then centre crop
+    classes: Optional[Any] = None  # imagenet: an int (the first N classes) or a list of class folders
+    num_classes: int = 10  # synthetic only: how many of its classes to generate
+    train_per_class: int = 300  # synthetic only
+    val_per_class: int = 50  # synthetic only
+    on_corrupt: str = "raise"  # raise | skip (counted, logged with the file name)
+    max_bad_fraction: float = 0.001
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | wandb
+    project: str = "dynconv"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # default: the experiment name
+    job_type: str = "train"
+    tags: List[str] = field(default_factory=list)
+    mode: Optional[str] = None  # online | offline | disabled; None leaves it to WANDB_MODE
+
+
+@dataclass
+class TrainerConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "none"  # none | bf16 | fp16 (CUDA)
+    channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = False
+    workers: int = 4
+    batch_size: Optional[int] = None  # per process; default: the recipe's global batch / processes
+    eval_batch_size: Optional[int] = None
+    log_interval: int = 50
+    checkpoint_interval: int = 0  # optimizer steps between mid-epoch checkpoints (0: every epoch only)
+    nan_policy: str = "raise"  # raise | skip
+    max_nan_skips: int = 5  # consecutive skipped steps before stopping anyway
+    deterministic: bool = False
+    max_epochs: Optional[int] = None  # stop early (the schedules still follow recipe.epochs)
+    limit_train_batches: Optional[int] = None  # per epoch, for quick checks
+    limit_eval_batches: Optional[int] = None
+    resume: str = "auto"  # auto | never | a checkpoint path
+    init_checkpoint: Optional[str] = None  # weights to start from (dynconv or official layout)
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    name: str = "default"  # experiment name: the W&B group and the run directory's parent
+    seed: int = 0
+    run_dir: str = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    conv: ConvConfig = field(default_factory=ConvConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: Optional[str] = None  # dynconv or official checkpoint; None scores the fresh model
+    use_ema: bool = False
+    seed: int = 0
+    output: Optional[str] = None  # JSON file for the results
+    batch_size: int = 100
+    interpolation: str = "bilinear"
+    bench_batches: int = 5  # timed eval batches for images/s (0: skip)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    conv: ConvConfig = field(default_factory=ConvConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def _choice(key: str, value: Any, valid: tuple) -> None:
+    if value not in valid:
+        raise ValueError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
+
+
+def validate(cfg: Any) -> None:
+    """Checks across keys that the schema cannot express; raises ValueError naming the key."""
+    from .. import list_archs, list_convs
+
+    _choice("model.name", cfg.model.name, tuple(list_archs()))
+    _choice("conv.name", cfg.conv.name, tuple(list_convs()))
+    _choice("data.name", cfg.data.name, ("synthetic", "imagenet"))
+    _choice("data.on_corrupt", cfg.data.on_corrupt, ON_CORRUPT)
+    _choice("trainer.amp", cfg.trainer.amp, AMP_MODES)
+    _choice("trainer.nan_policy", cfg.trainer.nan_policy, NAN_POLICIES)
+    if hasattr(cfg, "recipe"):
+        _choice("recipe.scheduler.name", cfg.recipe.scheduler.name, SCHEDULERS)
+        _choice("logger.name", cfg.logger.name, ("none", "wandb"))
+        if cfg.recipe.batch_size < 1 or cfg.recipe.epochs < 1:
+            raise ValueError("recipe.batch_size and recipe.epochs must be positive")
+        if not 0 <= cfg.recipe.scheduler.warmup_epochs < cfg.recipe.epochs:
+            raise ValueError("recipe.scheduler.warmup_epochs must be in [0, recipe.epochs)")
+    if cfg.data.root in (None, "", MISSING):
+        raise ValueError(f"data.root is not set: give the {cfg.data.name} dataset directory, "
+                         f"e.g. data.root=/data/{cfg.data.name}")

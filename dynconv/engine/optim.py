@@ -1,0 +1,74 @@
+"""Optimizer and learning-rate schedule of a recipe, built with timm's factories.
+
+The recipes (``reference/algorithms.md`` §10) fix the learning rate at a reference global batch; a run
+with another global batch scales it linearly, as the ConvNeXt / KernelWarehouse code does
+(``lr * total_batch / 256``) and as the classic recipe implies (0.1 at 256).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
+from timm.scheduler.scheduler import Scheduler
+from torch import nn
+
+
+def scaled_lr(optimizer_cfg: Any, global_batch: int) -> float:
+    """The recipe's learning rate for a run whose global batch is ``global_batch``."""
+    return optimizer_cfg.lr * global_batch / optimizer_cfg.lr_batch
+
+
+def build_optimizer(model: nn.Module, optimizer_cfg: Any, global_batch: int) -> torch.optim.Optimizer:
+    """A timm optimizer; ``decay_1d=False`` leaves biases and 1-D (norm) parameters without weight decay."""
+    kwargs = {}
+    name = optimizer_cfg.name.lower()
+    if "adam" in name or "lamb" in name:
+        kwargs.update(betas=tuple(optimizer_cfg.betas), eps=optimizer_cfg.eps)
+    return create_optimizer_v2(
+        model,
+        opt=name,
+        lr=scaled_lr(optimizer_cfg, global_batch),
+        weight_decay=optimizer_cfg.weight_decay,
+        momentum=optimizer_cfg.momentum,
+        filter_bias_and_bn=not optimizer_cfg.decay_1d,
+        **kwargs,
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, scheduler_cfg: Any, epochs: int,
+                    updates_per_epoch: int) -> Scheduler:
+    """A timm scheduler stepped by :func:`apply_schedule`, in epochs or in updates as the recipe says.
+
+    Warm-up comes before the decay (``warmup_prefix``), so a cosine run with 20 warm-up epochs of
+    300 decays over the last 280, reaching ``min_lr`` at the end, as the ConvNeXt code does.
+    """
+    per_iter = scheduler_cfg.per_iteration
+    unit = updates_per_epoch if per_iter else 1
+    warmup = dict(warmup_t=round(scheduler_cfg.warmup_epochs * unit), warmup_lr_init=scheduler_cfg.warmup_lr,
+                  warmup_prefix=True, t_in_epochs=not per_iter)
+    name = scheduler_cfg.name
+    if name == "cosine":
+        decay_t = round((epochs - scheduler_cfg.warmup_epochs) * unit)
+        return CosineLRScheduler(optimizer, t_initial=max(decay_t, 1), lr_min=scheduler_cfg.min_lr, **warmup)
+    if name == "step":
+        # timm's MultiStep decays once t + 1 reaches a milestone, one epoch (or update) before the
+        # official code (``lr * 0.1 ** (epoch // 30)``, 0-based epochs); shift to match it.
+        milestones = [round(m * unit) + 1 for m in scheduler_cfg.milestones]
+        return MultiStepLRScheduler(optimizer, decay_t=milestones, decay_rate=scheduler_cfg.decay_rate, **warmup)
+    if name == "constant":
+        return MultiStepLRScheduler(optimizer, decay_t=[], decay_rate=1.0, **warmup)
+    raise ValueError(f"recipe.scheduler.name={name!r}; choose one of: step, cosine, constant")
+
+
+def apply_schedule(scheduler: Scheduler, epoch: int, global_step: int) -> None:
+    """Set the learning rate for the update about to happen (a pure function of the position)."""
+    if scheduler.t_in_epochs:
+        scheduler.step(epoch)
+    else:
+        scheduler.step_update(global_step)
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    return optimizer.param_groups[0]["lr"]

@@ -1,0 +1,390 @@
+"""The classification training loop: one process, one GPU, or many through ``torchrun``.
+
+Every update pushes the training progress into the dynamic layers (:func:`dynconv.set_progress`) and
+adds what they contribute to the loss (:func:`dynconv.auxiliary_loss`). A checkpoint holds everything
+an exact resume needs (model, EMA, optimizer, scheduler, scaler, every rank's RNG states, the position
+in the epoch), so re-running the same command in the same run directory continues the same loss
+trajectory; the learning rate and the layer schedules are pure functions of that position.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .. import __version__, auxiliary_loss, count_macs, count_params, set_progress
+from ..checkpoint import CheckpointError, CheckpointManager, load_checkpoint, load_weights, rng_state, \
+    set_rng_state, unwrap_model
+from ..data import build_loader
+from .builders import build_data, build_mixup_and_loss, build_model
+from .config import validate
+from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from .evaluate import autocast, evaluate, to_channels_last, to_device
+from .optim import apply_schedule, build_optimizer, build_scheduler, current_lr, scaled_lr
+from .run_logging import Progress, RunLogger
+
+CHECKPOINT_FORMAT = 1
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The (all-reduced) training loss is NaN or infinite."""
+
+
+def plain_config(cfg: Any) -> Dict[str, Any]:
+    """The config as plain dicts and lists (what checkpoints and W&B store)."""
+    if is_dataclass(cfg):
+        return asdict(cfg)
+    from omegaconf import OmegaConf  # a DictConfig handed in by a caller that uses Hydra
+
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _gather_rng() -> List[Dict[str, Any]]:
+    """Every rank's RNG states, in rank order (dropout and mixup draw differently on each rank)."""
+    state = rng_state()
+    if not dist.is_initialized():
+        return [state]
+    states: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+class Trainer:
+    """Builds everything from a config and runs (or resumes) the training; see :func:`train`."""
+
+    def __init__(self, cfg: Any, info: DistInfo) -> None:
+        self.cfg, self.info, self.device = cfg, info, info.device
+        t = cfg.trainer
+        seed_everything(cfg.seed)  # the same initial weights (and EMA copy) on every rank
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.run_dir = Path(cfg.run_dir)
+        if info.is_primary:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._setup_batches()
+        if not info.is_primary:
+            barrier()  # rank 0 checks (or generates) the dataset first
+        self.data = build_data(cfg.data, cfg.recipe.aug)
+        if info.is_primary:
+            barrier()
+        self.train_loader = build_loader(self.data.train, batch_size=self.batch_size, train=True, workers=t.workers,
+                                         seed=cfg.seed, world_size=info.world_size, rank=info.rank)
+        self.val_loader = build_loader(self.data.val, batch_size=t.eval_batch_size or self.batch_size, train=False,
+                                       workers=t.workers, world_size=info.world_size, rank=info.rank)
+        self.updates_per_epoch = len(self.train_loader) // self.accum_steps
+        if t.limit_train_batches:
+            self.updates_per_epoch = min(self.updates_per_epoch, t.limit_train_batches)
+        if self.updates_per_epoch < 1:
+            raise ValueError(f"the training set ({len(self.data.train)} images) gives no full update of "
+                             f"{self.global_batch} images; lower recipe.batch_size")
+        self._setup_model()
+        seed_everything(cfg.seed + info.rank)  # then each rank its own dropout, mixup, ... draws
+        recipe = cfg.recipe
+        self.optimizer = build_optimizer(self.model, recipe.optimizer, self.global_batch)
+        self.scheduler = build_scheduler(self.optimizer, recipe.scheduler, recipe.epochs, self.updates_per_epoch)
+        self.scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" else None
+        self.mixup, self.criterion = build_mixup_and_loss(recipe.aug, self.data.num_classes)
+        self.checkpoints = CheckpointManager(self.run_dir, is_primary=info.is_primary)
+        self.global_step, self.best_top1, self.nan_skips = 0, -math.inf, 0
+
+    # ---------------------------------------------------------------------------------------- setup
+    def _setup_batches(self) -> None:
+        cfg, world = self.cfg, self.info.world_size
+        self.global_batch = cfg.recipe.batch_size
+        self.batch_size = cfg.trainer.batch_size or self.global_batch // world
+        per_step = self.batch_size * world
+        if self.batch_size < 1 or self.global_batch % per_step:
+            raise ValueError(f"recipe.batch_size={self.global_batch} (the global batch) must be a multiple of "
+                             f"trainer.batch_size={self.batch_size} x {world} process(es)")
+        self.accum_steps = self.global_batch // per_step
+
+    def _setup_model(self) -> None:
+        cfg, t = self.cfg, self.cfg.trainer
+        model = build_model(cfg.model, cfg.conv, self.data.num_classes)
+        if t.init_checkpoint:
+            print(load_weights(model, t.init_checkpoint, expect=self._identity()))
+        self.params, self.macs = count_params(model), count_macs(model, (1, 3, cfg.data.image_size, cfg.data.image_size))
+        if t.sync_bn and self.device.type == "cpu":
+            raise ValueError("trainer.sync_bn=true needs CUDA devices (torch's SyncBatchNorm has no CPU kernel)")
+        if t.sync_bn and self.info.distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.to(self.device)
+        if t.channels_last:
+            to_channels_last(model)
+        self.ema = ModelEmaV3(model, decay=cfg.recipe.ema.decay) if cfg.recipe.ema.enabled else None
+        if t.compile:
+            model = torch.compile(model)
+        if self.info.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids)
+        self.model = model
+        self.module = unwrap_model(model)
+
+    def _identity(self) -> Dict[str, str]:
+        return {"arch": self.cfg.model.name, "conv": self.cfg.conv.name}
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def state(self) -> Dict[str, Any]:
+        """Everything to resume from (collective: every rank contributes its RNG state)."""
+        meta = {**self._identity(), "num_classes": self.data.num_classes, "classes": list(self.data.classes),
+                "image_size": self.cfg.data.image_size, "dynconv_version": __version__, "format": CHECKPOINT_FORMAT,
+                "global_batch": self.global_batch, "updates_per_epoch": self.updates_per_epoch,
+                "world_size": self.info.world_size, "epoch": self.global_step / self.updates_per_epoch}
+        return {
+            "meta": meta, "config": plain_config(self.cfg), "global_step": self.global_step,
+            "best_top1": self.best_top1, "model": self.module.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema else None,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None, "rng": _gather_rng(),
+        }
+
+    def save(self, name: str) -> None:
+        state = self.state()
+        self.checkpoints.save(name, state)
+        barrier()
+
+    def resume(self) -> Optional[Path]:
+        """Load the run's ``last.pt`` (or ``trainer.resume``'s path); None when starting fresh."""
+        mode = self.cfg.trainer.resume
+        last = self.checkpoints.path("last")
+        if mode == "never":
+            if last.exists():
+                raise CheckpointError(f"{last} exists and trainer.resume=never: choose another run_dir, "
+                                      f"or resume it with trainer.resume=auto")
+            return None
+        path = last if mode == "auto" else Path(mode)
+        if mode == "auto" and not path.exists():
+            return None
+        self.load_state(load_checkpoint(path), path)
+        return path
+
+    def load_state(self, state: Dict[str, Any], path: Path) -> None:
+        meta = state.get("meta", {})
+        mine = self._identity()
+        if {k: meta.get(k) for k in mine} != mine:
+            raise CheckpointError(f"{path} was trained for arch={meta.get('arch')} conv={meta.get('conv')}, but "
+                                  f"this run is arch={mine['arch']} conv={mine['conv']}: use another run_dir")
+        for key, now in (("global_batch", self.global_batch), ("updates_per_epoch", self.updates_per_epoch)):
+            if meta.get(key) != now:
+                raise CheckpointError(f"{path} was written with {key}={meta.get(key)}, this run has {now}: "
+                                      f"resume with the same recipe.batch_size and data, or use another run_dir")
+        self.module.load_state_dict(state["model"])
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.global_step, self.best_top1 = int(state["global_step"]), float(state["best_top1"])
+        rngs = state["rng"]
+        set_rng_state(rngs[self.info.rank] if len(rngs) == self.info.world_size else rngs[0])
+
+    # ---------------------------------------------------------------------------------------- steps
+    def _micro_batches(self, epoch: int, start_update: int) -> Iterator[List[Tuple[torch.Tensor, torch.Tensor]]]:
+        """The epoch's remaining updates, each a list of ``accum_steps`` micro-batches."""
+        self.train_loader.set_epoch(epoch, start_batch=start_update * self.accum_steps)
+        group: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        update = start_update
+        for batch in self.train_loader:
+            if update >= self.updates_per_epoch:
+                break
+            group.append(batch)
+            if len(group) == self.accum_steps:
+                yield group
+                group, update = [], update + 1
+
+    def _forward_backward(self, images: torch.Tensor, targets: torch.Tensor, sync: bool) -> torch.Tensor:
+        t = self.cfg.trainer
+        images, targets = to_device(images, self.device, t.channels_last), targets.to(self.device)
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        context = nullcontext() if sync or not self.info.distributed else self.model.no_sync()
+        with context:
+            with autocast(self.device, t.amp):
+                loss = self.criterion(self.model(images), targets) + auxiliary_loss(self.module)
+            scaled = loss / self.accum_steps
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        return loss.detach().float()
+
+    def _check_finite(self, loss: float, epoch: int) -> bool:
+        """True to take the step; False to skip it (``nan_policy=skip``); raises under ``raise``."""
+        if math.isfinite(loss):
+            self.nan_skips = 0
+            return True
+        t = self.cfg.trainer
+        self.nan_skips += 1
+        where = (f"non-finite training loss ({loss}) at step {self.global_step} (epoch {epoch}), "
+                 f"lr {current_lr(self.optimizer):.3g}")
+        if t.nan_policy == "skip" and self.nan_skips <= t.max_nan_skips:
+            if self.info.is_primary:
+                print(f"warning: {where}; step skipped ({self.nan_skips}/{t.max_nan_skips} in a row)", flush=True)
+            return False
+        last = self.checkpoints.path("last")
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+        raise NonFiniteLossError(f"{where}: stopping ({kept}). Lower recipe.optimizer.lr, enable "
+                                 f"recipe.grad_clip, or use trainer.nan_policy=skip")
+
+    def train_step(self, group: List[Tuple[torch.Tensor, torch.Tensor]], epoch: int) -> Optional[float]:
+        """One optimizer update over ``group``; returns the loss averaged over ranks (None if skipped)."""
+        set_progress(self.module, self.global_step / self.updates_per_epoch)
+        apply_schedule(self.scheduler, epoch, self.global_step)
+        self.model.train()
+        total = torch.zeros(1, device=self.device)
+        for i, (images, targets) in enumerate(group):
+            total += self._forward_backward(images, targets, sync=i == len(group) - 1)
+        loss = (all_reduce_sum(total) / (len(group) * self.info.world_size)).item()
+        take = self._check_finite(loss, epoch)
+        if take:
+            self._optimizer_step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        return loss if take else None
+
+    def _optimizer_step(self) -> None:
+        clip = self.cfg.recipe.grad_clip
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        if clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.module, step=self.global_step)
+
+    # ---------------------------------------------------------------------------------------- epochs
+    def train_epoch(self, epoch: int, logger: RunLogger) -> float:
+        t = self.cfg.trainer
+        start = self.global_step - epoch * self.updates_per_epoch
+        images_per_update = self.batch_size * self.accum_steps * self.info.world_size
+        losses: List[float] = []
+        bar = Progress(self.updates_per_epoch, description=f"epoch {epoch + 1}/{self.cfg.recipe.epochs}",
+                       enabled=self.info.is_primary and t.progress, log_every=t.log_interval, start=start)
+        with bar:
+            tick = time.perf_counter()
+            for group in self._micro_batches(epoch, start):
+                loss = self.train_step(group, epoch)
+                now = time.perf_counter()
+                speed, tick = images_per_update / (now - tick), now
+                if loss is not None:
+                    losses.append(loss)
+                done = self.global_step - epoch * self.updates_per_epoch
+                bar.update(done, loss=loss if loss is not None else float("nan"), img_s=speed,
+                           lr=current_lr(self.optimizer))
+                if done % t.log_interval == 0 or done == self.updates_per_epoch:
+                    logger.log_step({"train/loss": loss, "train/lr": current_lr(self.optimizer),
+                                     "train/images_per_s": speed, "train/epoch": self.global_step / self.updates_per_epoch},
+                                    step=self.global_step)
+                if t.checkpoint_interval and self.global_step % t.checkpoint_interval == 0 \
+                        and done < self.updates_per_epoch:
+                    self.save("last")
+        return sum(losses) / max(len(losses), 1)
+
+    def validate(self) -> Dict[str, float]:
+        t = self.cfg.trainer
+        kwargs = dict(device=self.device, amp=t.amp, channels_last=t.channels_last, limit=t.limit_eval_batches)
+        progress = self.global_step / self.updates_per_epoch  # the schedules where the checkpoint leaves them
+        set_progress(self.module, progress)
+        metrics = {f"eval_{k}": v for k, v in evaluate(self.model, self.val_loader, **kwargs).items()}
+        if self.ema is not None:
+            set_progress(self.ema.module, progress)  # EMA's buffers would lag the schedule
+            ema = evaluate(self.ema.module, self.val_loader, **kwargs)
+            metrics.update({f"eval_ema_{k}": v for k, v in ema.items() if k != "count"})
+        return metrics
+
+    def fit(self) -> Dict[str, Any]:
+        """Train to the end (or ``trainer.max_epochs``); returns the run's summary."""
+        cfg, t = self.cfg, self.cfg.trainer
+        resumed = self.resume()
+        end_epoch = min(cfg.recipe.epochs, t.max_epochs or cfg.recipe.epochs)
+        logger = RunLogger(self.run_dir, config=plain_config(cfg), is_primary=self.info.is_primary,
+                           wandb=self._wandb_options())
+        with logger:
+            self._announce(resumed, end_epoch)
+            for epoch in range(self.global_step // self.updates_per_epoch, end_epoch):
+                tick = time.perf_counter()
+                train_loss = self.train_epoch(epoch, logger)
+                row = {"epoch": epoch + 1, "train_loss": train_loss, **self.validate(),
+                       "lr": current_lr(self.optimizer), "epoch_time_s": time.perf_counter() - tick}
+                improved = row["eval_top1"] > self.best_top1
+                self.best_top1 = max(self.best_top1, row["eval_top1"])
+                self.save("last")
+                if improved:
+                    self.save("best")
+                logger.log_epoch(row, step=self.global_step)
+                self._print_epoch(row)
+            summary = self._summary(end_epoch)
+            logger.set_summary(**summary)
+        return summary
+
+    # -------------------------------------------------------------------------------------- reporting
+    def _wandb_options(self) -> Optional[Dict[str, Any]]:
+        lc = self.cfg.logger
+        if lc.name != "wandb":
+            return None
+        tags = [self.cfg.model.name, self.cfg.conv.name, self.cfg.recipe.name, *lc.tags]
+        name = f"{self.cfg.model.name}-{self.cfg.conv.name}-{self.cfg.recipe.name}-s{self.cfg.seed}"
+        return {"project": lc.project, "entity": lc.entity, "group": lc.group or self.cfg.name, "name": name,
+                "job_type": lc.job_type, "tags": list(dict.fromkeys(tags)), "mode": lc.mode}
+
+    def _announce(self, resumed: Optional[Path], end_epoch: int) -> None:
+        if not self.info.is_primary:
+            return
+        cfg = self.cfg
+        print(f"dynconv: {cfg.model.name} conv={cfg.conv.name} recipe={cfg.recipe.name} data={cfg.data.name} "
+              f"({len(self.data.train)} train / {len(self.data.val)} val images, {self.data.num_classes} classes)")
+        print(f"  {self.params / 1e6:.2f}M params, {self.macs / 1e9:.3f}G MACs at {cfg.data.image_size}px; "
+              f"{self.info.world_size} process(es) on {self.device.type}, global batch {self.global_batch} = "
+              f"{self.batch_size} x {self.info.world_size} x {self.accum_steps} accumulation, "
+              f"lr {scaled_lr(cfg.recipe.optimizer, self.global_batch):.4g}, {self.updates_per_epoch} updates/epoch")
+        print(f"  run dir {self.run_dir}" + (f" (resumed from {resumed.name} at step {self.global_step})"
+                                             if resumed else ""), flush=True)
+        if self.global_step >= end_epoch * self.updates_per_epoch:
+            print(f"  nothing to do: the run already finished epoch {end_epoch}", flush=True)
+
+    def _print_epoch(self, row: Dict[str, Any]) -> None:
+        if not self.info.is_primary:
+            return
+        ema = f" ema top-1 {row['eval_ema_top1']:.2f}" if "eval_ema_top1" in row else ""
+        print(f"epoch {row['epoch']}/{self.cfg.recipe.epochs}: train loss {row['train_loss']:.4f}  "
+              f"eval loss {row['eval_loss']:.4f} top-1 {row['eval_top1']:.2f} top-5 {row['eval_top5']:.2f}{ema}  "
+              f"lr {row['lr']:.3g}  {row['epoch_time_s']:.0f}s", flush=True)
+
+    def _summary(self, end_epoch: int) -> Dict[str, Any]:
+        summary = {"arch": self.cfg.model.name, "conv": self.cfg.conv.name, "recipe": self.cfg.recipe.name,
+                   "data": self.cfg.data.name, "epochs_done": self.global_step // self.updates_per_epoch,
+                   "best_top1": self.best_top1, "params": self.params, "macs": self.macs,
+                   "checkpoint": str(self.checkpoints.path("last"))}
+        if self.info.is_primary:
+            print("summary: " + json.dumps(summary), flush=True)
+        return summary
+
+
+def train(cfg: Any) -> Dict[str, Any]:
+    """Train (or resume) the run described by ``cfg`` (a :class:`~dynconv.engine.config.TrainConfig`)."""
+    validate(cfg)
+    info = init_distributed(cfg.trainer.device)
+    try:
+        return Trainer(cfg, info).fit()
+    finally:
+        shutdown()
