@@ -5,7 +5,8 @@ Nothing here imports Hydra: :func:`train` and :func:`run_eval` take the dataclas
 """
 from .cli import run_main
 from .config import EvalConfig, TrainConfig, validate
-from .evaluate import evaluate, run_eval
+from .eval_checkpoint import run_eval
+from .evaluate import evaluate
 from .trainer import NonFiniteLossError, Trainer, train
 
 __all__ = ["EvalConfig", "NonFiniteLossError", "TrainConfig", "Trainer", "evaluate", "run_eval", "run_main",

@@ -1,6 +1,7 @@
 """From configuration to objects: datasets with the recipe's transforms, the model, the loss, mixup."""
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Tuple
 
 from torch import nn
@@ -28,6 +29,12 @@ def build_data(data_cfg: Any, aug_cfg: Optional[Any] = None, *, eval_interpolati
         train_per_class=data_cfg.train_per_class, val_per_class=data_cfg.val_per_class,
         synthetic_num_classes=data_cfg.num_classes, train_transform=train_tf, eval_transform=eval_tf,
         on_corrupt=data_cfg.on_corrupt, max_bad_fraction=data_cfg.max_bad_fraction)
+
+
+def loader_workers(requested: int) -> int:
+    """``requested`` DataLoader workers, at most one per CPU this process may use (more only add
+    start-up time and torch's oversubscription warning; the data are the same either way)."""
+    return max(0, min(requested, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 def build_model(model_cfg: Any, conv_cfg: Any, num_classes: int) -> nn.Module:

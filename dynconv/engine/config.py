@@ -85,6 +85,9 @@ class RecipeConfig:
     epochs: int = 100
     batch_size: int = 256  # global: per-process batch x processes x accumulation steps
     grad_clip: Optional[float] = None  # max gradient norm
+    # The layers' schedules (ODConv / DY-Conv temperature, KernelWarehouse mixing, DGC pruning) keep their
+    # official lengths in epochs; a short run makes them this many times faster so they end in time.
+    schedule_speed: float = 1.0
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     aug: AugConfig = field(default_factory=AugConfig)
@@ -185,8 +188,8 @@ def validate(cfg: Any) -> None:
     if hasattr(cfg, "recipe"):
         _choice("recipe.scheduler.name", cfg.recipe.scheduler.name, SCHEDULERS)
         _choice("logger.name", cfg.logger.name, ("none", "wandb"))
-        if cfg.recipe.batch_size < 1 or cfg.recipe.epochs < 1:
-            raise ValueError("recipe.batch_size and recipe.epochs must be positive")
+        if cfg.recipe.batch_size < 1 or cfg.recipe.epochs < 1 or cfg.recipe.schedule_speed <= 0:
+            raise ValueError("recipe.batch_size, recipe.epochs and recipe.schedule_speed must be positive")
         if not 0 <= cfg.recipe.scheduler.warmup_epochs < cfg.recipe.epochs:
             raise ValueError("recipe.scheduler.warmup_epochs must be in [0, recipe.epochs)")
     if cfg.data.root in (None, "", MISSING):

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import time
-from typing import Any, Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -85,63 +84,3 @@ def images_per_second(model: nn.Module, batch: torch.Tensor, *, device: torch.de
             times.append(time.perf_counter() - start)
     times.sort()
     return len(batch) / times[len(times) // 2]
-
-
-def run_eval(cfg: Any) -> Dict[str, Any]:
-    """Score ``cfg.checkpoint`` (dynconv or official layout) on the validation split of ``cfg.data``.
-
-    Single process on purpose: a padded distributed split would count some images twice. Prints and
-    returns timm ``validate.py``-style results, and writes them as JSON to ``cfg.output`` when set.
-    """
-    from ..accounting import count_macs, count_params
-    from ..checkpoint import load_checkpoint, load_weights
-    from ..schedules import set_progress
-    from .builders import build_data, build_model
-    from .config import validate
-    from .distributed import resolve_device
-    from ..data import build_loader
-
-    validate(cfg)
-    torch.manual_seed(cfg.seed)
-    t = cfg.trainer
-    device = resolve_device(t.device)
-    data = build_data(cfg.data, None, eval_interpolation=cfg.interpolation)
-    model = build_model(cfg.model, cfg.conv, data.num_classes)
-    loaded = "no checkpoint: a freshly initialised model"
-    if cfg.checkpoint:
-        state = load_checkpoint(cfg.checkpoint)
-        loaded = load_weights(model, state, expect={"arch": cfg.model.name, "conv": cfg.conv.name},
-                              use_ema=cfg.use_ema).replace("<in-memory checkpoint>", str(cfg.checkpoint))
-        progress = state.get("meta", {}).get("epoch") if isinstance(state.get("meta"), dict) else None
-        if progress is not None:  # a dynconv run stopped mid-schedule: its temperatures, not the end values
-            set_progress(model, progress)
-    size = cfg.data.image_size
-    params, macs = count_params(model), count_macs(model, (1, 3, size, size))
-    model.to(device)
-    if t.channels_last:
-        to_channels_last(model)
-    loader = build_loader(data.val, batch_size=cfg.batch_size, train=False, workers=t.workers)
-    start = time.perf_counter()
-    metrics = evaluate(model, loader, device=device, amp=t.amp, channels_last=t.channels_last,
-                       limit=t.limit_eval_batches)
-    elapsed = time.perf_counter() - start
-    result = {
-        "model": cfg.model.name, "conv": cfg.conv.name, "checkpoint": cfg.checkpoint, "loaded": loaded,
-        "top1": round(metrics["top1"], 3), "top1_err": round(100 - metrics["top1"], 3),
-        "top5": round(metrics["top5"], 3), "top5_err": round(100 - metrics["top5"], 3),
-        "loss": metrics["loss"], "num_images": metrics["count"],
-        "param_count": round(params / 1e6, 3), "macs_g": round(macs / 1e9, 4),
-        "img_size": size, "crop_pct": cfg.data.crop_pct, "interpolation": cfg.interpolation,
-        "eval_samples_per_sec": round(metrics["count"] / elapsed, 2),
-        "device": str(device), "data": cfg.data.name,
-    }
-    if cfg.bench_batches:
-        images = next(iter(loader))[0]
-        result["infer_samples_per_sec"] = round(images_per_second(
-            model, images, device=device, amp=t.amp, channels_last=t.channels_last, repeats=cfg.bench_batches), 2)
-        result["infer_batch_size"] = len(images)
-    if cfg.output:
-        from ..checkpoint import atomic_write
-
-        atomic_write(cfg.output, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
-    return result

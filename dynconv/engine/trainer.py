@@ -28,7 +28,7 @@ from .. import __version__, auxiliary_loss, count_macs, count_params, set_progre
 from ..checkpoint import CheckpointError, CheckpointManager, load_checkpoint, load_weights, rng_state, \
     set_rng_state, unwrap_model
 from ..data import build_loader
-from .builders import build_data, build_mixup_and_loss, build_model
+from .builders import build_data, build_mixup_and_loss, build_model, loader_workers
 from .config import validate
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from .evaluate import autocast, evaluate, to_channels_last, to_device
@@ -73,28 +73,13 @@ class Trainer:
     def __init__(self, cfg: Any, info: DistInfo) -> None:
         self.cfg, self.info, self.device = cfg, info, info.device
         t = cfg.trainer
-        seed_everything(cfg.seed)  # the same initial weights (and EMA copy) on every rank
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
         self.run_dir = Path(cfg.run_dir)
         if info.is_primary:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self._setup_batches()
-        if not info.is_primary:
-            barrier()  # rank 0 checks (or generates) the dataset first
-        self.data = build_data(cfg.data, cfg.recipe.aug)
-        if info.is_primary:
-            barrier()
-        self.train_loader = build_loader(self.data.train, batch_size=self.batch_size, train=True, workers=t.workers,
-                                         seed=cfg.seed, world_size=info.world_size, rank=info.rank)
-        self.val_loader = build_loader(self.data.val, batch_size=t.eval_batch_size or self.batch_size, train=False,
-                                       workers=t.workers, world_size=info.world_size, rank=info.rank)
-        self.updates_per_epoch = len(self.train_loader) // self.accum_steps
-        if t.limit_train_batches:
-            self.updates_per_epoch = min(self.updates_per_epoch, t.limit_train_batches)
-        if self.updates_per_epoch < 1:
-            raise ValueError(f"the training set ({len(self.data.train)} images) gives no full update of "
-                             f"{self.global_batch} images; lower recipe.batch_size")
+        self._setup_data()
         self._setup_model()
         seed_everything(cfg.seed + info.rank)  # then each rank its own dropout, mixup, ... draws
         recipe = cfg.recipe
@@ -116,8 +101,28 @@ class Trainer:
                              f"trainer.batch_size={self.batch_size} x {world} process(es)")
         self.accum_steps = self.global_batch // per_step
 
+    def _setup_data(self) -> None:
+        cfg, t, info = self.cfg, self.cfg.trainer, self.info
+        if not info.is_primary:
+            barrier()  # rank 0 checks (or generates) the dataset first
+        self.data = build_data(cfg.data, cfg.recipe.aug)
+        if info.is_primary:
+            barrier()
+        workers = loader_workers(t.workers)
+        self.train_loader = build_loader(self.data.train, batch_size=self.batch_size, train=True, workers=workers,
+                                         seed=cfg.seed, world_size=info.world_size, rank=info.rank)
+        self.val_loader = build_loader(self.data.val, batch_size=t.eval_batch_size or self.batch_size, train=False,
+                                       workers=workers, world_size=info.world_size, rank=info.rank)
+        self.updates_per_epoch = len(self.train_loader) // self.accum_steps
+        if t.limit_train_batches:
+            self.updates_per_epoch = min(self.updates_per_epoch, t.limit_train_batches)
+        if self.updates_per_epoch < 1:
+            raise ValueError(f"the training set ({len(self.data.train)} images) gives no full update of "
+                             f"{self.global_batch} images; lower recipe.batch_size")
+
     def _setup_model(self) -> None:
         cfg, t = self.cfg, self.cfg.trainer
+        seed_everything(cfg.seed)  # the same initial weights (and EMA copy) on every rank
         model = build_model(cfg.model, cfg.conv, self.data.num_classes)
         if t.init_checkpoint:
             print(load_weights(model, t.init_checkpoint, expect=self._identity()))
@@ -147,7 +152,8 @@ class Trainer:
         meta = {**self._identity(), "num_classes": self.data.num_classes, "classes": list(self.data.classes),
                 "image_size": self.cfg.data.image_size, "dynconv_version": __version__, "format": CHECKPOINT_FORMAT,
                 "global_batch": self.global_batch, "updates_per_epoch": self.updates_per_epoch,
-                "world_size": self.info.world_size, "epoch": self.global_step / self.updates_per_epoch}
+                "world_size": self.info.world_size, "epoch": self.global_step / self.updates_per_epoch,
+                "schedule_progress": self.schedule_progress()}
         return {
             "meta": meta, "config": plain_config(self.cfg), "global_step": self.global_step,
             "best_top1": self.best_top1, "model": self.module.state_dict(),
@@ -198,6 +204,10 @@ class Trainer:
         set_rng_state(rngs[self.info.rank] if len(rngs) == self.info.world_size else rngs[0])
 
     # ---------------------------------------------------------------------------------------- steps
+    def schedule_progress(self) -> float:
+        """What :func:`dynconv.set_progress` receives: epochs done, sped up by ``recipe.schedule_speed``."""
+        return self.global_step / self.updates_per_epoch * self.cfg.recipe.schedule_speed
+
     def _micro_batches(self, epoch: int, start_update: int) -> Iterator[List[Tuple[torch.Tensor, torch.Tensor]]]:
         """The epoch's remaining updates, each a list of ``accum_steps`` micro-batches."""
         self.train_loader.set_epoch(epoch, start_batch=start_update * self.accum_steps)
@@ -244,7 +254,7 @@ class Trainer:
 
     def train_step(self, group: List[Tuple[torch.Tensor, torch.Tensor]], epoch: int) -> Optional[float]:
         """One optimizer update over ``group``; returns the loss averaged over ranks (None if skipped)."""
-        set_progress(self.module, self.global_step / self.updates_per_epoch)
+        set_progress(self.module, self.schedule_progress())
         apply_schedule(self.scheduler, epoch, self.global_step)
         self.model.train()
         total = torch.zeros(1, device=self.device)
@@ -303,9 +313,10 @@ class Trainer:
     def validate(self) -> Dict[str, float]:
         t = self.cfg.trainer
         kwargs = dict(device=self.device, amp=t.amp, channels_last=t.channels_last, limit=t.limit_eval_batches)
-        progress = self.global_step / self.updates_per_epoch  # the schedules where the checkpoint leaves them
+        progress = self.schedule_progress()  # the schedules where the checkpoint leaves them
         set_progress(self.module, progress)
-        metrics = {f"eval_{k}": v for k, v in evaluate(self.model, self.val_loader, **kwargs).items()}
+        # the bare module: a DDP forward could wait on a collective while ranks hold different shard sizes
+        metrics = {f"eval_{k}": v for k, v in evaluate(self.module, self.val_loader, **kwargs).items()}
         if self.ema is not None:
             set_progress(self.ema.module, progress)  # EMA's buffers would lag the schedule
             ema = evaluate(self.ema.module, self.val_loader, **kwargs)
