@@ -2,6 +2,9 @@
 
 import os
 import random
+import socket
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,3 +23,39 @@ def seed() -> int:
     np.random.seed(0)
     torch.manual_seed(0)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# The local one-node SLURM cluster (tests marked `slurm`)
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm_cluster.sh"
+# scripts/slurm_cluster.sh exits 2 (not root, no sudo) or 3 (apt-get failed) when it cannot
+# install the packages; every other failure is a bug and must fail the tests.
+CANNOT_INSTALL = {2, 3}
+
+
+def _run_script(command: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(SCRIPT), command], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> str:
+    """Install and start the local cluster once per session; return the node name.
+
+    The cluster is deliberately left running when the session ends: other test modules
+    (submitit launcher, requeue) reuse it, and `start` is a no-op when it is already up.
+    Stop it by hand with `scripts/slurm_cluster.sh stop`.
+    """
+    install = _run_script("install", timeout=600)
+    if install.returncode in CANNOT_INSTALL:
+        reason = f"SLURM packages cannot be installed (exit {install.returncode}): " + (
+            install.stderr.strip() or install.stdout.strip()[-500:]
+        )
+        print(reason)
+        pytest.skip(reason)
+    assert install.returncode == 0, install.stdout + install.stderr
+    start = _run_script("start", timeout=120)
+    assert start.returncode == 0, start.stdout + start.stderr
+    return socket.gethostname().split(".")[0]

@@ -1,7 +1,7 @@
 """Process-group set-up for ``torchrun`` (and SLURM via submitit), and the few collectives the loop needs.
 
 The environment variables are the ones ``torchrun`` and ``submitit.helpers.TorchDistributedEnvironment``
-export (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``). Without them the run
+(for jobs of ``hydra/launcher=slurm``) export (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``). Without them the run
 is a single process and every collective is the identity.
 """
 from __future__ import annotations
@@ -45,8 +45,25 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def _export_slurm_environment() -> None:
+    """Inside a submitit SLURM job of several tasks, derive torch's variables from SLURM's.
+
+    ``torchrun`` sets them itself; a job launched by ``hydra/launcher=slurm`` (submitit) runs one
+    task per GPU, and submitit's ``TorchDistributedEnvironment`` maps ``SLURM_PROCID`` and friends
+    onto ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``.
+    """
+    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) < 2:
+        return
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     """Join the process group described by the environment (NCCL on GPU, gloo on CPU)."""
+    _export_slurm_environment()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

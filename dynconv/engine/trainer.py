@@ -344,7 +344,7 @@ class Trainer:
                     self.save("best")
                 logger.log_epoch(row, step=self.global_step)
                 self._print_epoch(row)
-            summary = self._summary(end_epoch)
+            summary = self._summary()
             logger.set_summary(**summary)
         return summary
 
@@ -381,9 +381,12 @@ class Trainer:
               f"eval loss {row['eval_loss']:.4f} top-1 {row['eval_top1']:.2f} top-5 {row['eval_top5']:.2f}{ema}  "
               f"lr {row['lr']:.3g}  {row['epoch_time_s']:.0f}s", flush=True)
 
-    def _summary(self, end_epoch: int) -> Dict[str, Any]:
-        summary = {"arch": self.cfg.model.name, "conv": self.cfg.conv.name, "recipe": self.cfg.recipe.name,
-                   "data": self.cfg.data.name, "epochs_done": self.global_step // self.updates_per_epoch,
+    def _summary(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        done = self.global_step // self.updates_per_epoch
+        summary = {"name": cfg.name, "arch": cfg.model.name, "conv": cfg.conv.name, "recipe": cfg.recipe.name,
+                   "data": cfg.data.name, "image_size": cfg.data.image_size, "seed": cfg.seed,
+                   "epochs": cfg.recipe.epochs, "epochs_done": done, "finished": done >= cfg.recipe.epochs,
                    "best_top1": self.best_top1, "params": self.params, "macs": self.macs,
                    "checkpoint": str(self.checkpoints.path("last"))}
         if self.info.is_primary:
