@@ -123,7 +123,8 @@ mem_mb() {
 
 render_slurm_conf() {
     local cpus mem defmem
-    cpus="$(nproc)"
+    # GNU nproc honours OMP_NUM_THREADS (set to 1 by `make test`); the node needs the real count.
+    cpus="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
     mem="$(mem_mb)"
     # Without a default, each job would be given the whole node's memory
     # and jobs could never share the node.
