@@ -1,8 +1,8 @@
 """Results tables: the papers' numbers (``results/paper.csv``) beside ours, from finished run directories.
 
 A run directory is anything holding a ``summary.json`` written by :mod:`dynconv.engine` (``runs/``,
-``multirun/``, SLURM sweep directories). A run matches a paper row when arch and conv agree and its
-recipe name, or its experiment name, is the row's ``recipe``. Parameters and MACs are computed for every
+``multirun/``, SLURM sweep directories). A run matches a paper row when arch and conv agree and it
+ran the row's experiment (``experiment=<table>``, e.g. ``kw_resnet18``) or recipe. Parameters and MACs are computed for every
 row (``count_params`` / ``count_macs`` at 224 px), accuracies filled where a run exists. Runs on the
 generated data are proxies and get their own table. A directory whose summary cannot be read is
 reported, never silently dropped.
@@ -61,9 +61,10 @@ def read_paper(path: Path) -> List[dict]:
 
 
 def matches(run: Run, row: dict) -> bool:
+    """Same arch and conv, real data, and the row's experiment (table) or recipe."""
     s = run.summary
-    return run.key == (row["arch"], row["conv"]) and s["data"] != "synthetic" and row["recipe"] in (
-        s["recipe"], s.get("name"))
+    setting = s.get("name") == row["table"] or row["recipe"] in (s["recipe"], s.get("name"))
+    return run.key == (row["arch"], row["conv"]) and s["data"] != "synthetic" and setting
 
 
 def dynconv_counter(image_size: int = 224) -> Counter:

@@ -1,6 +1,7 @@
 """Every config option composes into the schema; the recipes hold the official settings (algorithms.md §10)."""
 from __future__ import annotations
 
+import csv
 import importlib.util
 import math
 from pathlib import Path
@@ -12,7 +13,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 import dynconv
-from dynconv.engine.config import EvalConfig, TrainConfig, validate
+from dynconv.engine.config import EvalConfig, TrainConfig, apply_row, validate
 from dynconv.engine.optim import apply_schedule, build_optimizer, build_scheduler, current_lr
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +61,7 @@ def test_every_option_composes_and_validates(group):
             assert getattr(cfg, group).name == name
         if group == "experiment":
             assert cfg.name == name and cfg.data.name == "imagenet"
+            apply_row(cfg)
 
 
 def test_default_is_the_cpu_demo():
@@ -80,20 +82,64 @@ def test_cross_key_checks_name_the_key():
         validate(cfg)
 
 
-def test_experiment_deltas_follow_the_official_configs():
-    kw18 = load(["experiment=kw_resnet18_300ep", "data.root=/d"])
-    assert kw18.model.drop_path_rate == 0.1 and kw18.recipe.name == "convnext_300ep"
-    small = load(["experiment=kw_resnet18_300ep_1d4x", "data.root=/d"])
-    assert small.model.drop_path_rate == 0 and small.recipe.aug.mixup == small.recipe.aug.cutmix == 0
-    convnext = load(["experiment=kw_convnext_300ep", "data.root=/d"])
+def _row(experiment, conv, model=None, overrides=()):
+    """The config of one row of an experiment's sweep, with its per-row settings applied."""
+    cfg = load([f"experiment={experiment}", "data.root=/d", f"conv={conv}", *([f"model={model}"] if model else []),
+                *overrides])
+    apply_row(cfg, protected={o.split("=")[0] for o in overrides})
+    return cfg
+
+
+def test_experiment_rows_follow_the_official_configs():
+    assert _row("kw_resnet18", "kw_4x").model.drop_path_rate == 0.1
+    tiny = _row("kw_resnet18", "kw_1d4x")
+    assert tiny.model.drop_path_rate == 0 and tiny.recipe.aug.mixup == tiny.recipe.aug.cutmix == 0
+    assert _row("kw_resnet18", "kw_1d2x").recipe.aug.mixup == 0.8  # only 1/4x turns mixup off
+    assert _row("kw_resnet18", "static").model.drop_path_rate == 0
+    convnext = _row("kw_convnext", "kw_1x")
     assert convnext.recipe.ema.enabled and convnext.model.drop_path_rate == 0.3
-    assert load(["experiment=convnext_300ep_baseline", "data.root=/d"]).model.drop_path_rate == 0.1
-    mbv2 = load(["experiment=kw_mobilenetv2_150ep", "data.root=/d"])
+    assert _row("kw_convnext", "static").model.drop_path_rate == 0.1
+    mbv2 = _row("kw_mobilenetv2", "kw_4x", "mobilenetv2_050")
     assert mbv2.recipe.aug.smoothing == 0.1 and mbv2.recipe.optimizer.name == "sgd"
-    assert load(["experiment=kw_mobilenetv2_150ep_nosmooth", "data.root=/d"]).recipe.aug.smoothing == 0
-    od = load(["experiment=odconv_resnet_100ep", "data.root=/d", "model=resnet50"])
-    assert od.model.name == "resnet50" and od.model.drop_rate == 0.2  # the command line wins over the file
-    assert load(["experiment=dgc_resnet18_120ep", "data.root=/d"]).conv.options == {"total_epochs": 120}
+    assert _row("kw_mobilenetv2", "kw_1d2x").recipe.aug.smoothing == 0
+    assert _row("odconv_resnet18", "odconv_4x").model.drop_rate == 0.2
+    assert _row("odconv_resnet18", "se").model.drop_rate == 0
+    assert _row("dgc_resnet18", "dgc").conv.options == {"total_epochs": 120}
+    # the command line wins over a row's setting
+    assert _row("kw_resnet18", "kw_1d4x", overrides=["model.drop_path_rate=0.05"]).model.drop_path_rate == 0.05
+
+
+def test_row_names_and_keys_are_checked():
+    cfg = load(["experiment=kw_resnet18", "data.root=/d"])
+    cfg.rows["kw_3x"] = {}
+    with pytest.raises(ValueError, match=r"rows.kw_3x: not a conv variant"):
+        apply_row(cfg)
+    cfg = load(["experiment=kw_resnet18", "data.root=/d", "conv=kw_1d2x"])
+    cfg.rows["kw_1d2x"] = {"model.drop_pth_rate": 0.0}
+    with pytest.raises(ValueError, match=r"'model.drop_pth_rate' is not a config key"):
+        apply_row(cfg)
+
+
+def _paper_rows():
+    with open(ROOT / "results" / "paper.csv", newline="") as f:
+        return [r for r in csv.DictReader(f) if r["task"] == "classification"]
+
+
+def test_each_paper_table_has_an_experiment_whose_sweep_covers_its_rows():
+    tables = {}
+    for row in _paper_rows():
+        tables.setdefault(row["table"], set()).add((row["arch"], row["conv"]))
+    for table, pairs in tables.items():
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose("train", overrides=[f"experiment={table}", "data.root=/d", "run_dir=/x"],
+                          return_hydra_config=True)
+        params = dict(cfg.hydra.sweeper.params or {})
+        archs = params.get("model", cfg.model.name).split(",")
+        convs = params.get("conv", cfg.conv.name).split(",")
+        swept = {(a, c) for a in archs for c in convs}
+        assert pairs <= swept, (table, sorted(pairs - swept))
+        assert len(swept) <= len(pairs) + 1, (table, sorted(swept - pairs))  # no expensive extras
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -145,7 +191,7 @@ def test_mobilenetv2_recipes_per_epoch_and_kw_per_iteration_cosine():
     per_epoch = [0.5 * 0.05 * (1 + math.cos(math.pi * e / 150)) for e in range(150)]
     assert lrs[::2] == pytest.approx(per_epoch) and lrs[1::2] == pytest.approx(per_epoch)
     assert optimizer.param_groups[0]["weight_decay"] == 4e-5 and len(optimizer.param_groups) == 1
-    _, kw, kw_lrs = _lrs("mobilenetv2_150ep", experiment="kw_mobilenetv2_150ep", updates_per_epoch=2)
+    _, kw, kw_lrs = _lrs("mobilenetv2_150ep", experiment="kw_mobilenetv2", updates_per_epoch=2)
     per_iter = [1e-6 + 0.5 * (0.05 - 1e-6) * (1 + math.cos(math.pi * t / 300)) for t in range(300)]
     assert kw_lrs == pytest.approx(per_iter) and kw.defaults["nesterov"]
     assert sorted(g["weight_decay"] for g in kw.param_groups) == [0.0, 4e-5]

@@ -161,3 +161,14 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, cache):
     other = run("train.py", TINY + ["model=resnet18", "conv=se", "recipe.epochs=2"], run_dir, cache)
     assert other.returncode == 1 and "was trained for arch=resnet18 conv=static" in other.stderr
     assert (run_dir / "last.pt").read_bytes() == before
+
+
+def test_experiment_row_settings_apply_and_the_command_line_wins(tmp_path, cache):
+    """experiment=kw_resnet18, row kw_1d4x: no mixup / cutmix (its row); drop path from the command line."""
+    args = TINY + ["experiment=kw_resnet18", "data=synthetic", "conv=kw_1d4x", "model.drop_path_rate=0.05",
+                   "recipe.scheduler.warmup_epochs=0", "recipe.epochs=1"]
+    ok(run("train.py", args, tmp_path / "run", cache))
+    config = load_checkpoint(tmp_path / "run" / "last.pt")["config"]
+    assert config["name"] == "kw_resnet18" and config["recipe"]["name"] == "convnext_300ep"
+    assert config["recipe"]["aug"]["mixup"] == config["recipe"]["aug"]["cutmix"] == 0.0
+    assert config["model"]["drop_path_rate"] == 0.05 and config["recipe"]["aug"]["smoothing"] == 0.1

@@ -8,7 +8,7 @@ runs before any data is read.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 MISSING = "???"  # OmegaConf's marker for a mandatory value
 
@@ -153,6 +153,9 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    # An experiment's per-row settings: {"<conv>" or "<arch>/<conv>": {"dotted.key": value}}, applied
+    # by apply_row for the run's (arch, conv); the arch/conv entry wins over the conv entry.
+    rows: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -168,6 +171,34 @@ class EvalConfig:
     conv: ConvConfig = field(default_factory=ConvConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def apply_row(cfg: Any, protected: Iterable[str] = ()) -> Dict[str, Any]:
+    """Set the experiment's per-row values (``cfg.rows``) for this run's arch and conv; returns them.
+
+    Keys in ``protected`` (those given on the command line) keep their value. A row name that is no
+    conv variant, or a key that is not in the schema, raises ValueError naming it.
+    """
+    from .. import list_archs, list_convs
+
+    for name in cfg.rows:
+        arch, _, conv = name.rpartition("/")
+        if conv not in list_convs() or (arch and arch not in list_archs()):
+            raise ValueError(f"rows.{name}: not a conv variant or <arch>/<conv> pair")
+    delta = {**cfg.rows.get(cfg.conv.name, {}), **cfg.rows.get(f"{cfg.model.name}/{cfg.conv.name}", {})}
+    applied = {}
+    for key, value in delta.items():
+        if key in set(protected):
+            continue
+        *path, leaf = key.split(".")
+        node = cfg
+        for part in path:
+            node = getattr(node, part, None)
+        if node is None or not hasattr(node, leaf) or key.startswith("rows"):
+            raise ValueError(f"rows: {key!r} is not a config key")
+        setattr(node, leaf, value)
+        applied[key] = value
+    return applied
 
 
 def _choice(key: str, value: Any, valid: tuple) -> None:
