@@ -25,6 +25,16 @@ $(STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PIP) install -c $(CONSTRAINTS) -e '.[train,test]'
 	touch $@
 
+# The tests also check the mmdet plugin's registry and configs: mmdet's registry and config layer
+# without compiled ops (see requirements/mmdet-lite.txt for why --no-deps). Real mmdet training
+# needs its own environment: requirements/mmdet.txt.
+MMDET_LITE  := requirements/mmdet-lite.txt
+MMDET_STAMP := $(VENV)/.installed-mmdet-lite
+
+$(MMDET_STAMP): $(MMDET_LITE) $(STAMP)
+	$(PIP) install --no-deps -r $(MMDET_LITE)
+	touch $@
+
 DEMO_RUN    := runs/default/mobilenetv2_100-odconv_1x-demo-synthetic-s0
 
 # The embedded default (configs/train.yaml): ODConv 1x MobileNetV2 on generated shapes, about 5 minutes
@@ -34,7 +44,7 @@ demo: venv
 	$(PY) eval.py checkpoint=$(DEMO_RUN)/best.pt output=$(DEMO_RUN)/eval.json
 
 # OMP_NUM_THREADS=1: two xdist workers on two cores, one thread each.
-test: venv
+test: venv $(MMDET_STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests $(PYTEST_ARGS)
 
 clean:

@@ -14,8 +14,9 @@ import random
 import re
 import uuid
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
-from typing import IO, Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import IO, Any, Callable, ContextManager, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -98,7 +99,7 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
     if path.suffix == ".safetensors":
         return _load_safetensors(path, map_location)
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with _allow_namespace():
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         blocked = _unsafe_globals(path, e)
@@ -111,6 +112,12 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
         raise _corrupt(path, e) from e
     except (RuntimeError, EOFError, KeyError, IndexError, ValueError) as e:  # what torn / foreign bytes raise
         raise _corrupt(path, e) from e
+
+
+def _allow_namespace() -> ContextManager:
+    # torch < 2.5 (the torch 2.1 of an mmdet environment) has no safe_globals: such files then stay refused
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    return safe_globals([argparse.Namespace]) if safe_globals else nullcontext()
 
 
 def _load_safetensors(path: Path, map_location: Any) -> Dict[str, Any]:
@@ -127,7 +134,7 @@ def _load_safetensors(path: Path, map_location: Any) -> Dict[str, Any]:
 def _unsafe_globals(path: Path, error: BaseException) -> List[str]:
     try:
         return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except (RuntimeError, ValueError):  # legacy (non-zip) format: read the name from the refusal
+    except (RuntimeError, ValueError, AttributeError):  # AttributeError: torch < 2.5  # legacy (non-zip) format: read the name from the refusal
         return _GLOBAL_IN_ERROR.findall(str(error))
 
 

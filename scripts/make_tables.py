@@ -3,7 +3,8 @@
     python scripts/make_tables.py [--runs runs multirun] [--out results] [--tables odconv_resnet18 ...]
 
 Params and MACs are computed for every paper row; accuracies come from finished run directories
-(``summary.json``), "not run" otherwise. Runs on the generated data get ``synthetic_runs.md``.
+(``summary.json``), "not run" otherwise; COCO tables give box and mask AP. Runs on the generated
+data get ``synthetic_runs.md``.
 Unreadable run directories are listed on stderr and in the tables, and make the exit status 1.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dynconv.results import dynconv_counter, gather_runs, read_paper, write_tables
+from dynconv.results import detection_counter, dynconv_counter, gather_runs, read_paper, write_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,9 +24,12 @@ def main() -> int:
     parser.add_argument("--paper", type=Path, default=ROOT / "results" / "paper.csv")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     parser.add_argument("--tables", nargs="*", help="table groups of paper.csv (default: all)")
+    parser.add_argument("--no-detection", action="store_true",
+                        help="skip the COCO tables (building every detector to count it takes a few minutes)")
     args = parser.parse_args()
     gathered = gather_runs(p for p in args.runs if p.exists())
-    written = write_tables(read_paper(args.paper), gathered, args.out, dynconv_counter(), args.tables)
+    written = write_tables(read_paper(args.paper), gathered, args.out, dynconv_counter(), args.tables,
+                           None if args.no_detection else detection_counter())
     print(f"{len(gathered.runs)} runs; wrote " + ", ".join(str(p) for p in written.values()))
     for problem in gathered.problems:
         print(f"could not read {problem}", file=sys.stderr)

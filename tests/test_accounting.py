@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import timm
-import torch
 from torch import nn
 
 import dynconv

@@ -47,21 +47,52 @@ def load(overrides=(), config="train"):
 def test_groups_cover_every_arch_and_conv():
     assert options("model") == sorted(dynconv.list_archs())
     assert options("conv") == sorted(dynconv.list_convs())
-    assert options("recipe") == ["classic_100ep", "convnext_300ep", "demo", "mobilenetv2_150ep"]
-    assert options("data") == ["imagenet", "synthetic"] and options("logger") == ["none", "wandb"]
+    assert options("recipe") == ["classic_100ep", "convnext_300ep", "demo", "det_1x_adamw", "det_1x_sgd",
+                                 "det_demo", "mobilenetv2_150ep"]
+    assert options("data") == ["coco", "imagenet", "synthetic", "synthetic_coco"]
+    assert options("logger") == ["none", "wandb"] and options("task") == ["classification", "detection"]
+    assert options("detector") == ["faster_rcnn", "mask_rcnn"]
 
 
-@pytest.mark.parametrize("group", ["model", "conv", "recipe", "data", "logger", "experiment"])
+DETECTION_DATA = ("coco", "synthetic_coco")
+
+
+@pytest.mark.parametrize("group", ["model", "conv", "recipe", "data", "logger", "experiment", "task", "detector"])
 def test_every_option_composes_and_validates(group):
     for name in options(group):
-        cfg = load([f"{group}={name}", "data.root=/data/imagenet"] if group in ("data", "experiment")
-                   else [f"{group}={name}"])
+        overrides = [f"{group}={name}"]
+        if group in ("data", "experiment"):
+            overrides.append("data.root=/data/x")
+        if (group == "data" and name in DETECTION_DATA) or group == "detector":
+            overrides.append("task=detection")
+        cfg = load(overrides)
         validate(cfg)
-        if group in ("model", "conv"):
+        if group in ("model", "conv", "detector"):
             assert getattr(cfg, group).name == name
+        if group == "task":
+            assert cfg.task == name
         if group == "experiment":
-            assert cfg.name == name and cfg.data.name == "imagenet"
+            expected = "coco" if cfg.task == "detection" else "imagenet"
+            assert cfg.name == name and cfg.data.name == expected
             apply_row(cfg)
+
+
+def test_detection_task_switches_recipe_and_data_and_the_command_line_wins():
+    cfg = load(["task=detection"])
+    assert (cfg.task, cfg.recipe.name, cfg.data.name, cfg.detector.name) == \
+        ("detection", "det_1x_sgd", "synthetic_coco", "faster_rcnn")
+    cfg = load(["task=detection", "detector=mask_rcnn", "model=resnet50", "conv=odconv_4x", "data=coco",
+                "data.root=/data/coco"])  # the command of the issue
+    validate(cfg)
+    assert (cfg.recipe.name, cfg.data.name, cfg.detector.name, cfg.data.root) == \
+        ("det_1x_sgd", "coco", "mask_rcnn", "/data/coco")
+    assert load(["task=detection", "recipe=det_1x_adamw"]).recipe.name == "det_1x_adamw"
+    with pytest.raises(ValueError, match=r"data.name='imagenet' is not valid; choose one of: coco, synthetic_coco"):
+        validate(load(["task=detection", "data=imagenet", "data.root=/d"]))
+    with pytest.raises(ValueError, match=r"data.name='coco' is not valid; choose one of: synthetic, imagenet"):
+        validate(load(["data=coco", "data.root=/d"]))
+    ev = load(["task=detection", "detector=mask_rcnn", "data=coco", "data.root=/d"], config="eval")
+    assert (ev.task, ev.detector.name, ev.data.name) == ("detection", "mask_rcnn", "coco")
 
 
 def test_default_is_the_cpu_demo():
@@ -120,9 +151,9 @@ def test_row_names_and_keys_are_checked():
         apply_row(cfg)
 
 
-def _paper_rows():
+def _paper_rows(task="classification"):
     with open(ROOT / "results" / "paper.csv", newline="") as f:
-        return [r for r in csv.DictReader(f) if r["task"] == "classification"]
+        return [r for r in csv.DictReader(f) if r["task"] == task]
 
 
 def test_each_paper_table_has_an_experiment_whose_sweep_covers_its_rows():
@@ -140,6 +171,40 @@ def test_each_paper_table_has_an_experiment_whose_sweep_covers_its_rows():
         swept = {(a, c) for a in archs for c in convs}
         assert pairs <= swept, (table, sorted(pairs - swept))
         assert len(swept) <= len(pairs) + 1, (table, sorted(swept - pairs))  # no expensive extras
+
+
+def _commands_in_comments(table):
+    """The extra sweeps an experiment file names in its comments (``python train.py -m experiment=...``)."""
+    lines = (CONFIGS / "experiment" / f"{table}.yaml").read_text().splitlines()
+    for line in lines:
+        if line.startswith("#") and f"experiment={table}" in line:
+            yield dict(arg.split("=", 1) for arg in line.split(f"experiment={table}")[1].split())
+
+
+def test_each_coco_table_is_covered_by_its_sweep_and_the_commands_it_names():
+    tables = {}
+    for row in _paper_rows("detection"):
+        tables.setdefault(row["table"], set()).add((row["detector"], row["arch"], row["conv"]))
+    for table, rows in tables.items():
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose("train", overrides=[f"experiment={table}", "data.root=/d", "run_dir=/x"],
+                          return_hydra_config=True)
+        assert cfg.task == "detection" and cfg.recipe.name == next(
+            r["recipe"] for r in _paper_rows("detection") if r["table"] == table)
+        swept = set()
+        for params in [dict(cfg.hydra.sweeper.params or {}), *_commands_in_comments(table)]:
+            merged = {"detector": cfg.detector.name, "model": cfg.model.name, "conv": cfg.conv.name,
+                      **dict(cfg.hydra.sweeper.params or {}), **params}
+            swept |= {(d, a, c) for d in merged["detector"].split(",") for a in merged["model"].split(",")
+                      for c in merged["conv"].split(",")}
+        assert rows <= swept, (table, sorted(rows - swept))
+
+
+def test_kw_coco_convnext_rows_follow_the_official_configs():
+    convnext = _row("kw_coco", "kw_1x", "convnext_tiny")
+    assert convnext.model.drop_path_rate == 0.4 and convnext.recipe.scheduler.milestones == [9, 11]
+    assert _row("kw_coco", "kw_1x", "resnet50").recipe.scheduler.milestones == [8, 11]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -184,6 +249,26 @@ def test_convnext_recipe_warms_up_then_cosine_per_iteration():
     assert all(p.ndim <= 1 for p in no_decay["params"])  # biases and norm weights
     assert cfg.recipe.aug.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.recipe.aug.reprob == 0.25
     assert (cfg.recipe.aug.mixup, cfg.recipe.aug.cutmix, cfg.recipe.aug.smoothing) == (0.8, 1.0, 0.1)
+
+
+def test_detection_1x_recipes_are_mmdets_schedule():
+    """500 linear warm-up iterations from 0.001 x lr, then x0.1 after epochs 8 and 11 (mmdet's 1x)."""
+    cfg, optimizer, lrs = _lrs("det_1x_sgd", updates_per_epoch=100)
+    base = 0.02
+    expected = [2e-5 + (base - 2e-5) * t / 500 if t < 500 else base * 0.1 ** ((t >= 800) + (t >= 1100))
+                for t in range(1200)]
+    assert lrs == pytest.approx(expected, rel=1e-9)
+    assert type(optimizer) is torch.optim.SGD and optimizer.param_groups[0]["weight_decay"] == 1e-4
+    assert len(optimizer.param_groups) == 1 and cfg.recipe.batch_size == 16
+    assert cfg.recipe.det_aug.scales == [1.0] and cfg.recipe.det_aug.crop_prob == 0
+    cfg, adamw, lrs = _lrs("det_1x_adamw", updates_per_epoch=100)
+    assert type(adamw) is torch.optim.AdamW and lrs[600] == pytest.approx(1e-4) and lrs[900] == pytest.approx(1e-5)
+    assert sorted(g["weight_decay"] for g in adamw.param_groups) == [0.0, 0.05]
+    from dynconv.engine.detection import train_sizes
+
+    assert train_sizes(cfg.data, cfg.recipe.det_aug) == list(range(480, 801, 32))  # DETR-style 480..800
+    assert [round(s * 800) for s in cfg.recipe.det_aug.crop_resize] == [400, 500, 600]
+    assert [round(s * 800) for s in cfg.recipe.det_aug.crop_size] == [384, 600]
 
 
 def test_mobilenetv2_recipes_per_epoch_and_kw_per_iteration_cosine():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dynconv
-from dynconv.ops.kernelwarehouse import KWAttention, KWConv2d, KWLinear, WarehouseManager
+from dynconv.ops.kernelwarehouse import KWAttention, KWConv2d, KWLinear
 
 # Parameter counts of the official kw_* models (OSVAI/KernelWarehouse), in millions.
 OFFICIAL_PARAMS = [

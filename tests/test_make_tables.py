@@ -1,7 +1,6 @@
 """``scripts/make_tables.py`` on finished tiny runs: the right rows, our numbers and the differences."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 

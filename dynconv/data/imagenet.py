@@ -109,52 +109,32 @@ def _select(available: Sequence[str], wanted: Union[int, Sequence[str], None], d
     return sorted(wanted)
 
 
-class ImageFolderDataset(Dataset):
-    """``directory/<class>/<image>`` samples as ``(image, label)``, every image fully decoded to RGB.
+class SkipsUnreadableImages:
+    """The corrupt-image policy the image datasets share: decode every image fully, and on an unreadable
+    one raise (``on_corrupt="raise"``) or skip to the next readable sample, log and count it
+    (``"skip"``), raising once more than ``max(1, max_bad_fraction * len(self))`` were skipped.
 
-    Args:
-        root: the split directory holding one folder per class.
-        transform: applied to the decoded PIL image.
-        classes: keep only these class names (labels renumbered 0..n-1 in sorted name order).
-        on_corrupt: ``"raise"`` (default) or ``"skip"``: replace an unreadable image by the next
-            readable sample, log its path and count it.
-        max_bad_fraction: with ``"skip"``, raise once more than ``max(1, max_bad_fraction * len(self))``
-            images were skipped (counted over all DataLoader workers).
-        key: config key named in error messages.
+    Skips are counted in shared memory, inherited by (or pickled into) DataLoader worker processes, so
+    skips in any worker count; a flag per sample means a file met again in the next epoch is neither
+    decoded nor counted twice. A spawn-context lock can also be shared with forked workers.
     """
 
-    def __init__(
-        self,
-        root: PathLike,
-        transform: Optional[Callable] = None,
-        classes: Optional[Sequence[str]] = None,
-        on_corrupt: str = "raise",
-        max_bad_fraction: float = 0.001,
-        key: str = "data.root",
-    ) -> None:
+    on_corrupt: str
+    max_bad_fraction: float
+
+    def _init_policy(self, on_corrupt: str, max_bad_fraction: float, size: int) -> None:
         if on_corrupt not in ON_CORRUPT:
             raise ValueError(f"on_corrupt must be one of {ON_CORRUPT}, got {on_corrupt!r}")
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
-        self.root = Path(root)
-        self.transform = transform
-        self.on_corrupt = on_corrupt
-        self.max_bad_fraction = max_bad_fraction
-        found, _ = find_classes(self.root, key)
-        self.classes = _select(found, classes, self.root, key)
-        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-        self.samples = _make_samples(self.root, self.class_to_idx, key)
-        self.targets = [label for _, label in self.samples]
-        # Shared memory, inherited by (or pickled into) worker processes, so skips in any worker count;
-        # a flag per sample, so an unreadable file met again in the next epoch is neither decoded nor
-        # counted twice. A spawn-context lock can also be shared with forked workers.
+        self.on_corrupt, self.max_bad_fraction = on_corrupt, max_bad_fraction
         context = multiprocessing.get_context("spawn")
-        self._bad_flags = context.Array("b", len(self.samples))
+        self._bad_flags = context.Array("b", size)
         self._bad_count = context.Value("i", 0, lock=False)  # guarded by the flags' lock
         self.bad_files: List[str] = []  # only those skipped in this process
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self._bad_flags)
 
     @property
     def bad_count(self) -> int:
@@ -192,21 +172,56 @@ class ImageFolderDataset(Dataset):
                 f"data.max_bad_fraction={self.max_bad_fraction} of {len(self)} (at most {self.max_bad}); "
                 f"check the dataset, e.g. by decoding every image once.", path) from err
 
-    def __getitem__(self, index: int) -> Tuple[Any, int]:
+    def _first_readable(self, index: int, read: Callable[[int], Any], where: PathLike) -> Tuple[int, Any]:
+        """``(i, read(i))`` for the first sample from ``index`` on that ``read`` can decode."""
         for step in range(len(self)):
             i = (index + step) % len(self)
-            path, label = self.samples[i]
             if self._bad_flags[i]:
                 continue
             try:
-                image = self.load(path)
+                return i, read(i)
             except CorruptImageError as err:
                 if self.on_corrupt == "raise":
                     raise
-                self._record_bad(i, path, err)
-                continue
-            return (self.transform(image) if self.transform is not None else image), label
-        raise CorruptImageError(f"no readable image in {self.root}", self.root)
+                self._record_bad(i, str(err.path), err)
+        raise CorruptImageError(f"no readable image in {where}", where)
+
+
+class ImageFolderDataset(SkipsUnreadableImages, Dataset):
+    """``directory/<class>/<image>`` samples as ``(image, label)``, every image fully decoded to RGB.
+
+    Args:
+        root: the split directory holding one folder per class.
+        transform: applied to the decoded PIL image.
+        classes: keep only these class names (labels renumbered 0..n-1 in sorted name order).
+        on_corrupt: ``"raise"`` (default) or ``"skip"``: replace an unreadable image by the next
+            readable sample, log its path and count it.
+        max_bad_fraction: with ``"skip"``, raise once more than ``max(1, max_bad_fraction * len(self))``
+            images were skipped (counted over all DataLoader workers).
+        key: config key named in error messages.
+    """
+
+    def __init__(
+        self,
+        root: PathLike,
+        transform: Optional[Callable] = None,
+        classes: Optional[Sequence[str]] = None,
+        on_corrupt: str = "raise",
+        max_bad_fraction: float = 0.001,
+        key: str = "data.root",
+    ) -> None:
+        self.root = Path(root)
+        self.transform = transform
+        found, _ = find_classes(self.root, key)
+        self.classes = _select(found, classes, self.root, key)
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        self.samples = _make_samples(self.root, self.class_to_idx, key)
+        self.targets = [label for _, label in self.samples]
+        self._init_policy(on_corrupt, max_bad_fraction, len(self.samples))
+
+    def __getitem__(self, index: int) -> Tuple[Any, int]:
+        i, image = self._first_readable(index, lambda i: self.load(self.samples[i][0]), self.root)
+        return (self.transform(image) if self.transform is not None else image), self.samples[i][1]
 
 
 def imagenet_datasets(

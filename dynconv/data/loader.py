@@ -3,8 +3,10 @@
 Training: :class:`ResumableDistributedSampler` gives DistributedSampler's permutation (a function of
 ``seed`` and the epoch) and can skip the part of an epoch already seen; :class:`SeededDataset` seeds the
 augmentation of sample ``i`` in epoch ``e`` from ``(seed, e, i)``. Together a resumed epoch yields the
-same batches, bit for bit, as the uninterrupted one, with any number of workers. Evaluation: each rank
-gets the disjoint, unpadded shard ``rank::world_size``, so the ranks together see every sample once.
+same batches, bit for bit, as the uninterrupted one, with any number of workers. Detection training can
+batch by aspect-ratio group with :class:`~dynconv.data.grouping.GroupedBatchSampler` on top of the same
+sampler. Evaluation: each rank gets the disjoint, unpadded shard ``rank::world_size``, so the ranks
+together see every sample once.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from .grouping import GroupedBatchSampler
 from .imagenet import imagenet_datasets
 from .synthetic import make_synthetic_dataset
 
@@ -166,16 +169,21 @@ class EpochLoader:
     Attributes:
         loader: the wrapped :class:`~torch.utils.data.DataLoader`.
         sampler: a :class:`ResumableDistributedSampler` (train) or :class:`ShardSampler` (eval).
+        batch_sampler: the :class:`~dynconv.data.grouping.GroupedBatchSampler` over ``sampler`` when the
+            loader batches by group, else None.
         dataset: the dataset the loader reads (a :class:`SeededDataset` when training).
         batch_size: samples per batch on this rank.
     """
 
     def __init__(self, loader: DataLoader, seed: int = 0, rank: int = 0) -> None:
         self.loader = loader
-        self.sampler: Union[ResumableDistributedSampler, ShardSampler] = loader.sampler
+        grouped = loader.batch_sampler if isinstance(loader.batch_sampler, GroupedBatchSampler) else None
+        self.batch_sampler: Optional[GroupedBatchSampler] = grouped
+        self.sampler: Union[ResumableDistributedSampler, ShardSampler] = \
+            grouped.sampler if grouped is not None else loader.sampler
         self.dataset = loader.dataset
-        self.batch_size: int = loader.batch_size
-        self.drop_last: bool = loader.drop_last
+        self.batch_size: int = grouped.batch_size if grouped is not None else loader.batch_size
+        self.drop_last: bool = True if grouped is not None else loader.drop_last
         self.seed = seed
         self.rank = rank
         self.epoch = 0
@@ -187,8 +195,12 @@ class EpochLoader:
         if not 0 <= start_batch <= len(self):
             raise ValueError(f"start_batch must be in 0..{len(self)} (batches per epoch), got {start_batch}")
         self.epoch, self.start_batch = epoch, start_batch
-        self.sampler.set_epoch(epoch)
-        self.sampler.set_start(start_batch * self.batch_size)
+        if self.batch_sampler is not None:
+            self.batch_sampler.set_epoch(epoch)  # also the sampler's, which the batch sampler walks whole
+            self.batch_sampler.set_start(start_batch)
+        else:
+            self.sampler.set_epoch(epoch)
+            self.sampler.set_start(start_batch * self.batch_size)
         if isinstance(self.dataset, SeededDataset):
             self.dataset.set_epoch(epoch)
         # Worker seeds come from this generator: make them a function of (seed, epoch, rank) too.
@@ -199,6 +211,8 @@ class EpochLoader:
 
     def __len__(self) -> int:
         """Batches in a full epoch on this rank, whatever the start batch."""
+        if self.batch_sampler is not None:
+            return self.batch_sampler.num_batches
         n = self.sampler.num_samples
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
@@ -215,6 +229,7 @@ def build_loader(
     drop_last: Optional[bool] = None,
     collate_fn: Optional[Callable] = None,
     pin_memory: bool = False,
+    group_ids: Optional[Sequence[int]] = None,
 ) -> EpochLoader:
     """An :class:`EpochLoader` for training (shuffled, seeded augmentation) or evaluation (sharded, in order).
 
@@ -227,24 +242,35 @@ def build_loader(
         seed: base seed for the permutation, the augmentation and the workers.
         world_size, rank: DDP settings (no process group needed).
         drop_last: drop the last incomplete batch; defaults to True for training, False for evaluation.
-        collate_fn, pin_memory: passed to the DataLoader.
+        collate_fn, pin_memory: passed to the DataLoader (e.g.
+            :func:`~dynconv.data.coco.detection_collate` for detection, train or eval).
+        group_ids: training only: the group of every sample (e.g. aspect-ratio bins from
+            :func:`~dynconv.data.grouping.aspect_ratio_groups`); each batch then comes from one group,
+            via :class:`~dynconv.data.grouping.GroupedBatchSampler`, which always drops the remainder.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if group_ids is not None and not train:
+        raise ValueError("group_ids is for training only; evaluation reads its shard in order")
+    if group_ids is not None and drop_last is False:
+        raise ValueError("group_ids needs drop_last: grouped batches always drop the epoch's remainder")
     if train:
         dataset = SeededDataset(dataset, seed)
         sampler = ResumableDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                                               seed=seed, drop_last=False)
     else:
         sampler = ShardSampler(dataset, num_replicas=world_size, rank=rank)
+    if group_ids is not None:
+        # The batch sampler carries the batch size and the dropping; DataLoader refuses both beside it.
+        batching = dict(batch_sampler=GroupedBatchSampler(sampler, group_ids, batch_size))
+    else:
+        batching = dict(batch_size=batch_size, sampler=sampler, drop_last=train if drop_last is None else drop_last)
     loader = DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
+        **batching,
         num_workers=workers,
         collate_fn=collate_fn,
         pin_memory=pin_memory,
-        drop_last=train if drop_last is None else drop_last,
         worker_init_fn=_seed_worker if workers > 0 else None,
         # Also with workers=0: without a generator the loader draws its base seed from the global RNG.
         generator=torch.Generator(),

@@ -16,6 +16,10 @@ AMP_MODES = ("none", "bf16", "fp16")
 NAN_POLICIES = ("raise", "skip")
 SCHEDULERS = ("step", "cosine", "constant")
 ON_CORRUPT = ("raise", "skip")
+TASKS = ("classification", "detection")
+CLASSIFICATION_DATA = ("synthetic", "imagenet")
+DETECTION_DATA = ("coco", "synthetic_coco")
+LAYER_SCHEDULES = ("end", "train")
 
 
 @dataclass
@@ -50,6 +54,7 @@ class SchedulerConfig:
     milestones: List[int] = field(default_factory=lambda: [30, 60, 90])  # step: epochs
     decay_rate: float = 0.1
     warmup_epochs: float = 0.0  # linear warm-up before the decay starts
+    warmup_steps: int = 0  # warm-up in updates instead (mmdet's 500 iterations); needs per_iteration
     warmup_lr: float = 0.0
     min_lr: float = 0.0
     per_iteration: bool = False  # update the LR every iteration rather than once per epoch
@@ -74,6 +79,17 @@ class AugConfig:
 
 
 @dataclass
+class DetAugConfig:
+    """Detection training augmentation; sizes are fractions of ``data.min_size`` (exact at 800)."""
+
+    hflip: float = 0.5
+    scales: List[float] = field(default_factory=lambda: [1.0])  # shorter sides, one drawn per batch
+    crop_prob: float = 0.0  # DETR-style branch: resize to a crop_resize side, then a random crop
+    crop_resize: List[float] = field(default_factory=lambda: [0.5, 0.625, 0.75])  # 400/500/600 at 800
+    crop_size: List[float] = field(default_factory=lambda: [0.48, 0.75])  # 384..600 at 800
+
+
+@dataclass
 class EmaConfig:
     enabled: bool = False
     decay: float = 0.9999
@@ -91,12 +107,13 @@ class RecipeConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     aug: AugConfig = field(default_factory=AugConfig)
+    det_aug: DetAugConfig = field(default_factory=DetAugConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
 
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"  # synthetic | imagenet
+    name: str = "synthetic"  # synthetic | imagenet | coco | synthetic_coco
     root: str = MISSING
     image_size: int = 224
     crop_pct: float = 0.875  # eval: resize to image_size / crop_pct, then centre crop
@@ -104,6 +121,12 @@ class DataConfig:
     num_classes: int = 10  # synthetic only: how many of its classes to generate
     train_per_class: int = 300  # synthetic only
     val_per_class: int = 50  # synthetic only
+    train_images: int = 200  # synthetic_coco only
+    val_images: int = 50  # synthetic_coco only
+    train_split: str = "train2017"  # coco: annotations/instances_<split>.json and <split>/
+    val_split: str = "val2017"
+    min_size: int = 800  # detection: shorter side at evaluation (training: recipe.det_aug.scales of it)
+    max_size: int = 1333  # detection: longer side at most
     on_corrupt: str = "raise"  # raise | skip (counted, logged with the file name)
     max_bad_fraction: float = 0.001
 
@@ -128,7 +151,7 @@ class TrainerConfig:
     sync_bn: bool = False
     workers: int = 4
     batch_size: Optional[int] = None  # per process; default: the recipe's global batch / processes
-    eval_batch_size: Optional[int] = None
+    eval_batch_size: Optional[int] = None  # per process; default: the training batch (detection: 1, as mmdet)
     log_interval: int = 50
     checkpoint_interval: int = 0  # optimizer steps between mid-epoch checkpoints (0: every epoch only)
     nan_policy: str = "raise"  # raise | skip
@@ -143,8 +166,26 @@ class TrainerConfig:
 
 
 @dataclass
+class DetectorConfig:
+    """A torchvision R-CNN with FPN on the dynconv backbone (``dynconv.detection.create_detector``)."""
+
+    name: str = "faster_rcnn"  # faster_rcnn | mask_rcnn
+    frozen_stages: int = 1  # stem and the first N backbone levels get no gradient
+    norm_eval: bool = True  # BatchNorm statistics stay those of the ImageNet checkpoint
+    fpn_channels: int = 256
+    backbone_checkpoint: Optional[str] = None  # ImageNet weights: a dynconv run or an official file
+    backbone_use_ema: bool = False
+    layer_schedule: str = "end"  # end: T = 1 / tau = 0 throughout | train: restart them over this run
+    aspect_ratio_group_factor: int = 3  # batches of similar aspect ratio (0: no grouping)
+    find_unused_parameters: bool = True  # DDP: frozen stages leave attention parameters unused
+    # anything else torchvision's FasterRCNN / MaskRCNN take, e.g. box_batch_size_per_image (512)
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class TrainConfig:
     name: str = "default"  # experiment name: the W&B group and the run directory's parent
+    task: str = "classification"  # classification | detection (set by the task/ group)
     seed: int = 0
     run_dir: str = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -153,6 +194,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)  # task=detection only
     # An experiment's per-row settings: {"<conv>" or "<arch>/<conv>": {"dotted.key": value}}, applied
     # by apply_row for the run's (arch, conv); the arch/conv entry wins over the conv entry.
     rows: Dict[str, Dict[str, Any]] = field(default_factory=dict)
@@ -160,17 +202,20 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
+    task: str = "classification"
     checkpoint: Optional[str] = None  # dynconv or official checkpoint; None scores the fresh model
     use_ema: bool = False
     seed: int = 0
     output: Optional[str] = None  # JSON file for the results
-    batch_size: int = 100
+    batch_size: Optional[int] = None  # default: 100 for classification, 1 for detection (as mmdet tests)
     interpolation: str = "bilinear"
     bench_batches: int = 5  # timed eval batches for images/s (0: skip)
     model: ModelConfig = field(default_factory=ModelConfig)
     conv: ConvConfig = field(default_factory=ConvConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)  # task=detection only
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)  # unused; the task group sets it for train.py
 
 
 def apply_row(cfg: Any, protected: Iterable[str] = ()) -> Dict[str, Any]:
@@ -210,19 +255,29 @@ def validate(cfg: Any) -> None:
     """Checks across keys that the schema cannot express; raises ValueError naming the key."""
     from .. import list_archs, list_convs
 
+    _choice("task", cfg.task, TASKS)
     _choice("model.name", cfg.model.name, tuple(list_archs()))
     _choice("conv.name", cfg.conv.name, tuple(list_convs()))
-    _choice("data.name", cfg.data.name, ("synthetic", "imagenet"))
+    detection = cfg.task == "detection"
+    _choice("data.name", cfg.data.name, DETECTION_DATA if detection else CLASSIFICATION_DATA)
+    if detection:
+        from ..detection import DETECTORS
+
+        _choice("detector.name", cfg.detector.name, DETECTORS)
+        _choice("detector.layer_schedule", cfg.detector.layer_schedule, LAYER_SCHEDULES)
     _choice("data.on_corrupt", cfg.data.on_corrupt, ON_CORRUPT)
     _choice("trainer.amp", cfg.trainer.amp, AMP_MODES)
     _choice("trainer.nan_policy", cfg.trainer.nan_policy, NAN_POLICIES)
     if hasattr(cfg, "recipe"):
         _choice("recipe.scheduler.name", cfg.recipe.scheduler.name, SCHEDULERS)
-        _choice("logger.name", cfg.logger.name, ("none", "wandb"))
         if cfg.recipe.batch_size < 1 or cfg.recipe.epochs < 1 or cfg.recipe.schedule_speed <= 0:
             raise ValueError("recipe.batch_size, recipe.epochs and recipe.schedule_speed must be positive")
         if not 0 <= cfg.recipe.scheduler.warmup_epochs < cfg.recipe.epochs:
             raise ValueError("recipe.scheduler.warmup_epochs must be in [0, recipe.epochs)")
+        if cfg.recipe.scheduler.warmup_steps and not cfg.recipe.scheduler.per_iteration:
+            raise ValueError("recipe.scheduler.warmup_steps needs recipe.scheduler.per_iteration=true")
+    if hasattr(cfg, "logger"):
+        _choice("logger.name", cfg.logger.name, ("none", "wandb"))
     if cfg.data.root in (None, "", MISSING):
         raise ValueError(f"data.root is not set: give the {cfg.data.name} dataset directory, "
                          f"e.g. data.root=/data/{cfg.data.name}")

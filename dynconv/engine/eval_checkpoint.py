@@ -35,6 +35,10 @@ def run_eval(cfg: Any) -> Dict[str, Any]:
     Single process on purpose: a padded distributed split would count some images twice. Prints and
     returns timm ``validate.py``-style results, and writes them as JSON to ``cfg.output`` when set.
     """
+    if cfg.task == "detection":
+        from .detection import run_eval_detection
+
+        return run_eval_detection(cfg)
     validate(cfg)
     torch.manual_seed(cfg.seed)
     t = cfg.trainer
@@ -47,7 +51,7 @@ def run_eval(cfg: Any) -> Dict[str, Any]:
     model.to(device)
     if t.channels_last:
         to_channels_last(model)
-    loader = build_loader(data.val, batch_size=cfg.batch_size, train=False, workers=loader_workers(t.workers))
+    loader = build_loader(data.val, batch_size=cfg.batch_size or 100, train=False, workers=loader_workers(t.workers))
     start = time.perf_counter()
     metrics = evaluate(model, loader, device=device, amp=t.amp, channels_last=t.channels_last,
                        limit=t.limit_eval_batches)

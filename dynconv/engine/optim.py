@@ -41,13 +41,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, scheduler_cfg: Any, epochs
                     updates_per_epoch: int) -> Scheduler:
     """A timm scheduler stepped by :func:`apply_schedule`, in epochs or in updates as the recipe says.
 
-    Warm-up comes before the decay (``warmup_prefix``), so a cosine run with 20 warm-up epochs of
-    300 decays over the last 280, reaching ``min_lr`` at the end, as the ConvNeXt code does.
+    A cosine schedule decays after its warm-up (``warmup_prefix``), so a run with 20 warm-up epochs
+    of 300 decays over the last 280, reaching ``min_lr`` at the end, as the ConvNeXt code does; step
+    milestones stay where the recipe puts them, warm-up or not, as in mmdet's 1x schedule (500
+    warm-up iterations, decays at epochs 8 and 11).
     """
     per_iter = scheduler_cfg.per_iteration
     unit = updates_per_epoch if per_iter else 1
-    warmup = dict(warmup_t=round(scheduler_cfg.warmup_epochs * unit), warmup_lr_init=scheduler_cfg.warmup_lr,
-                  warmup_prefix=True, t_in_epochs=not per_iter)
+    warmup_t = scheduler_cfg.warmup_steps or round(scheduler_cfg.warmup_epochs * unit)
+    warmup = dict(warmup_t=warmup_t, warmup_lr_init=scheduler_cfg.warmup_lr,
+                  warmup_prefix=scheduler_cfg.name == "cosine", t_in_epochs=not per_iter)
     name = scheduler_cfg.name
     if name == "cosine":
         decay_t = round((epochs - scheduler_cfg.warmup_epochs) * unit)

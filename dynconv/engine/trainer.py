@@ -68,7 +68,14 @@ def _gather_rng() -> List[Dict[str, Any]]:
 
 
 class Trainer:
-    """Builds everything from a config and runs (or resumes) the training; see :func:`train`."""
+    """Builds everything from a config and runs (or resumes) the training; see :func:`train`.
+
+    The task-specific parts (datasets and loaders, the network, the loss of a batch, validation and
+    what is reported) are methods a subclass replaces; :class:`dynconv.engine.detection.DetectionTrainer`
+    does so for detection.
+    """
+
+    score_key = "eval_top1"  # the validation metric that picks ``best.pt``
 
     def __init__(self, cfg: Any, info: DistInfo) -> None:
         self.cfg, self.info, self.device = cfg, info, info.device
@@ -86,9 +93,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, recipe.optimizer, self.global_batch)
         self.scheduler = build_scheduler(self.optimizer, recipe.scheduler, recipe.epochs, self.updates_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" else None
-        self.mixup, self.criterion = build_mixup_and_loss(recipe.aug, self.data.num_classes)
+        self.mixup, self.criterion = self._build_objectives()
         self.checkpoints = CheckpointManager(self.run_dir, is_primary=info.is_primary)
-        self.global_step, self.best_top1, self.nan_skips = 0, -math.inf, 0
+        self.global_step, self.best_score, self.nan_skips = 0, -math.inf, 0
 
     # ---------------------------------------------------------------------------------------- setup
     def _setup_batches(self) -> None:
@@ -102,17 +109,13 @@ class Trainer:
         self.accum_steps = self.global_batch // per_step
 
     def _setup_data(self) -> None:
-        cfg, t, info = self.cfg, self.cfg.trainer, self.info
+        t, info = self.cfg.trainer, self.info
         if not info.is_primary:
             barrier()  # rank 0 checks (or generates) the dataset first
-        self.data = build_data(cfg.data, cfg.recipe.aug)
+        self.data = self._build_data()
         if info.is_primary:
             barrier()
-        workers = loader_workers(t.workers)
-        self.train_loader = build_loader(self.data.train, batch_size=self.batch_size, train=True, workers=workers,
-                                         seed=cfg.seed, world_size=info.world_size, rank=info.rank)
-        self.val_loader = build_loader(self.data.val, batch_size=t.eval_batch_size or self.batch_size, train=False,
-                                       workers=workers, world_size=info.world_size, rank=info.rank)
+        self.train_loader, self.val_loader = self._build_loaders(loader_workers(t.workers))
         self.updates_per_epoch = len(self.train_loader) // self.accum_steps
         if t.limit_train_batches:
             self.updates_per_epoch = min(self.updates_per_epoch, t.limit_train_batches)
@@ -120,13 +123,37 @@ class Trainer:
             raise ValueError(f"the training set ({len(self.data.train)} images) gives no full update of "
                              f"{self.global_batch} images; lower recipe.batch_size")
 
+    def _build_data(self) -> Any:
+        return build_data(self.cfg.data, self.cfg.recipe.aug)
+
+    def _build_loaders(self, workers: int) -> Tuple[Any, Any]:
+        info, t = self.info, self.cfg.trainer
+        train = build_loader(self.data.train, batch_size=self.batch_size, train=True, workers=workers,
+                             seed=self.cfg.seed, world_size=info.world_size, rank=info.rank)
+        val = build_loader(self.data.val, batch_size=t.eval_batch_size or self.batch_size, train=False,
+                           workers=workers, world_size=info.world_size, rank=info.rank)
+        return train, val
+
+    def _build_network(self) -> nn.Module:
+        return build_model(self.cfg.model, self.cfg.conv, self.data.num_classes)
+
+    def _build_objectives(self) -> Tuple[Optional[Any], Optional[nn.Module]]:
+        return build_mixup_and_loss(self.cfg.recipe.aug, self.data.num_classes)
+
+    def _count(self, model: nn.Module) -> Tuple[int, Optional[int]]:
+        size = self.cfg.data.image_size
+        return count_params(model), count_macs(model, (1, 3, size, size))
+
+    def _ddp_options(self) -> Dict[str, Any]:
+        return {}
+
     def _setup_model(self) -> None:
         cfg, t = self.cfg, self.cfg.trainer
         seed_everything(cfg.seed)  # the same initial weights (and EMA copy) on every rank
-        model = build_model(cfg.model, cfg.conv, self.data.num_classes)
+        model = self._build_network()
         if t.init_checkpoint:
             print(load_weights(model, t.init_checkpoint, expect=self._identity()))
-        self.params, self.macs = count_params(model), count_macs(model, (1, 3, cfg.data.image_size, cfg.data.image_size))
+        self.params, self.macs = self._count(model)
         if t.sync_bn and self.device.type == "cpu":
             raise ValueError("trainer.sync_bn=true needs CUDA devices (torch's SyncBatchNorm has no CPU kernel)")
         if t.sync_bn and self.info.distributed:
@@ -139,7 +166,7 @@ class Trainer:
             model = torch.compile(model)
         if self.info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=ids)
+            model = DistributedDataParallel(model, device_ids=ids, **self._ddp_options())
         self.model = model
         self.module = unwrap_model(model)
 
@@ -147,16 +174,19 @@ class Trainer:
         return {"arch": self.cfg.model.name, "conv": self.cfg.conv.name}
 
     # ----------------------------------------------------------------------------------- checkpoints
+    def _meta(self) -> Dict[str, Any]:
+        return {"num_classes": self.data.num_classes, "classes": list(self.data.classes),
+                "image_size": self.cfg.data.image_size}
+
     def state(self) -> Dict[str, Any]:
         """Everything to resume from (collective: every rank contributes its RNG state)."""
-        meta = {**self._identity(), "num_classes": self.data.num_classes, "classes": list(self.data.classes),
-                "image_size": self.cfg.data.image_size, "dynconv_version": __version__, "format": CHECKPOINT_FORMAT,
+        meta = {**self._identity(), **self._meta(), "dynconv_version": __version__, "format": CHECKPOINT_FORMAT,
                 "global_batch": self.global_batch, "updates_per_epoch": self.updates_per_epoch,
                 "world_size": self.info.world_size, "epoch": self.global_step / self.updates_per_epoch,
                 "schedule_progress": self.schedule_progress()}
         return {
             "meta": meta, "config": plain_config(self.cfg), "global_step": self.global_step,
-            "best_top1": self.best_top1, "model": self.module.state_dict(),
+            "best_score": self.best_score, "score_key": self.score_key, "model": self.module.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema else None,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None, "rng": _gather_rng(),
@@ -186,8 +216,9 @@ class Trainer:
         meta = state.get("meta", {})
         mine = self._identity()
         if {k: meta.get(k) for k in mine} != mine:
-            raise CheckpointError(f"{path} was trained for arch={meta.get('arch')} conv={meta.get('conv')}, but "
-                                  f"this run is arch={mine['arch']} conv={mine['conv']}: use another run_dir")
+            theirs = " ".join(f"{k}={meta.get(k)}" for k in mine)
+            raise CheckpointError(f"{path} was trained for {theirs}, but this run is "
+                                  f"{' '.join(f'{k}={v}' for k, v in mine.items())}: use another run_dir")
         for key, now in (("global_batch", self.global_batch), ("updates_per_epoch", self.updates_per_epoch)):
             if meta.get(key) != now:
                 raise CheckpointError(f"{path} was written with {key}={meta.get(key)}, this run has {now}: "
@@ -199,7 +230,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.global_step, self.best_top1 = int(state["global_step"]), float(state["best_top1"])
+        self.global_step = int(state["global_step"])
+        self.best_score = float(state.get("best_score", state.get("best_top1", -math.inf)))
         rngs = state["rng"]
         set_rng_state(rngs[self.info.rank] if len(rngs) == self.info.world_size else rngs[0])
 
@@ -221,15 +253,19 @@ class Trainer:
                 yield group
                 group, update = [], update + 1
 
-    def _forward_backward(self, images: torch.Tensor, targets: torch.Tensor, sync: bool) -> torch.Tensor:
-        t = self.cfg.trainer
-        images, targets = to_device(images, self.device, t.channels_last), targets.to(self.device)
+    def _loss(self, images: Any, targets: Any) -> torch.Tensor:
+        """The training loss of one micro-batch (under autocast), the layers' auxiliary terms included."""
+        images, targets = to_device(images, self.device, self.cfg.trainer.channels_last), targets.to(self.device)
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
+        return self.criterion(self.model(images), targets) + auxiliary_loss(self.module)
+
+    def _forward_backward(self, images: Any, targets: Any, sync: bool) -> torch.Tensor:
+        t = self.cfg.trainer
         context = nullcontext() if sync or not self.info.distributed else self.model.no_sync()
         with context:
             with autocast(self.device, t.amp):
-                loss = self.criterion(self.model(images), targets) + auxiliary_loss(self.module)
+                loss = self._loss(images, targets)
             scaled = loss / self.accum_steps
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return loss.detach().float()
@@ -337,8 +373,8 @@ class Trainer:
                 train_loss = self.train_epoch(epoch, logger)
                 row = {"epoch": epoch + 1, "train_loss": train_loss, **self.validate(),
                        "lr": current_lr(self.optimizer), "epoch_time_s": time.perf_counter() - tick}
-                improved = row["eval_top1"] > self.best_top1
-                self.best_top1 = max(self.best_top1, row["eval_top1"])
+                improved = row[self.score_key] > self.best_score
+                self.best_score = max(self.best_score, row[self.score_key])
                 self.save("last")
                 if improved:
                     self.save("best")
@@ -353,18 +389,27 @@ class Trainer:
         lc = self.cfg.logger
         if lc.name != "wandb":
             return None
-        tags = [self.cfg.model.name, self.cfg.conv.name, self.cfg.recipe.name, *lc.tags]
-        name = f"{self.cfg.model.name}-{self.cfg.conv.name}-{self.cfg.recipe.name}-s{self.cfg.seed}"
+        parts = self._name_parts()
+        tags = [*parts, *lc.tags]
+        name = "-".join(parts) + f"-s{self.cfg.seed}"
         return {"project": lc.project, "entity": lc.entity, "group": lc.group or self.cfg.name, "name": name,
                 "job_type": lc.job_type, "tags": list(dict.fromkeys(tags)), "mode": lc.mode}
+
+    def _name_parts(self) -> List[str]:
+        """What names the run on W&B (joined with ``-``, plus the seed) and tags it."""
+        return [self.cfg.model.name, self.cfg.conv.name, self.cfg.recipe.name]
+
+    def _title(self) -> str:
+        return f"{self.cfg.model.name} conv={self.cfg.conv.name}"
 
     def _announce(self, resumed: Optional[Path], end_epoch: int) -> None:
         if not self.info.is_primary:
             return
         cfg = self.cfg
-        print(f"dynconv: {cfg.model.name} conv={cfg.conv.name} recipe={cfg.recipe.name} data={cfg.data.name} "
+        print(f"dynconv: {self._title()} recipe={cfg.recipe.name} data={cfg.data.name} "
               f"({len(self.data.train)} train / {len(self.data.val)} val images, {self.data.num_classes} classes)")
-        print(f"  {self.params / 1e6:.2f}M params, {self.macs / 1e9:.3f}G MACs at {cfg.data.image_size}px; "
+        macs = f", {self.macs / 1e9:.3f}G MACs at {cfg.data.image_size}px" if self.macs is not None else ""
+        print(f"  {self.params / 1e6:.2f}M params{macs}; "
               f"{self.info.world_size} process(es) on {self.device.type}, global batch {self.global_batch} = "
               f"{self.batch_size} x {self.info.world_size} x {self.accum_steps} accumulation, "
               f"lr {scaled_lr(cfg.recipe.optimizer, self.global_batch):.4g}, {self.updates_per_epoch} updates/epoch")
@@ -381,13 +426,16 @@ class Trainer:
               f"eval loss {row['eval_loss']:.4f} top-1 {row['eval_top1']:.2f} top-5 {row['eval_top5']:.2f}{ema}  "
               f"lr {row['lr']:.3g}  {row['epoch_time_s']:.0f}s", flush=True)
 
+    def _summary_extra(self) -> Dict[str, Any]:
+        return {"best_top1": self.best_score}
+
     def _summary(self) -> Dict[str, Any]:
         cfg = self.cfg
         done = self.global_step // self.updates_per_epoch
         summary = {"name": cfg.name, "arch": cfg.model.name, "conv": cfg.conv.name, "recipe": cfg.recipe.name,
                    "data": cfg.data.name, "image_size": cfg.data.image_size, "seed": cfg.seed,
                    "epochs": cfg.recipe.epochs, "epochs_done": done, "finished": done >= cfg.recipe.epochs,
-                   "best_top1": self.best_top1, "params": self.params, "macs": self.macs,
+                   **self._summary_extra(), "params": self.params, "macs": self.macs,
                    "checkpoint": str(self.checkpoints.path("last"))}
         if self.info.is_primary:
             print("summary: " + json.dumps(summary), flush=True)
@@ -397,8 +445,11 @@ class Trainer:
 def train(cfg: Any) -> Dict[str, Any]:
     """Train (or resume) the run described by ``cfg`` (a :class:`~dynconv.engine.config.TrainConfig`)."""
     validate(cfg)
+    cls = Trainer
+    if cfg.task == "detection":
+        from .detection import DetectionTrainer as cls  # pycocotools and the detection data, only when needed
     info = init_distributed(cfg.trainer.device)
     try:
-        return Trainer(cfg, info).fit()
+        return cls(cfg, info).fit()
     finally:
         shutdown()

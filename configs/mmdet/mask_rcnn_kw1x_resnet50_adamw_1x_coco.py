@@ -1,0 +1,6 @@
+# KW README, Mask R-CNN (AdamW 1x, multi-scale), ResNet50 + KW (1x): box AP 41.8, mask AP 38.4
+_base_ = './_base_/mask_rcnn_adamw_ms_1x.py'
+
+model = dict(
+    backbone=dict(conv='kw_1x',
+                  init_cfg=dict(type='Pretrained', checkpoint='checkpoints/kw1x_resnet50.pth')))

@@ -1,0 +1,6 @@
+# KW README, Mask R-CNN (AdamW 1x, multi-scale), ResNet50 + KW (4x): box AP 42.4, mask AP 38.9
+_base_ = './_base_/mask_rcnn_adamw_ms_1x.py'
+
+model = dict(
+    backbone=dict(conv='kw_4x',
+                  init_cfg=dict(type='Pretrained', checkpoint='checkpoints/kw4x_resnet50.pth')))
