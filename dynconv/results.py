@@ -186,8 +186,8 @@ def detection_table(rows: List[dict], runs: List[Run], count: DetectionCounter) 
 
 
 DETECTION_NOTE = ("Params: `dynconv.count_params` of our torchvision detector for COCO (80 classes). The "
-                  "ODConv README's counts include the backbone's unused ImageNet classifier (2.05M for "
-                  "ResNet50, 1.28M for MobileNetV2), which ours leave out.")
+                  "papers' mmdet counts include the backbone's unused ImageNet classifier (2.05M for "
+                  "ResNet50, 1.28M for MobileNetV2), which ours leave out: expect those differences.")
 
 
 def proxy_table(runs: List[Run]) -> List[str]:

@@ -35,6 +35,14 @@ def run(script: str, args: Sequence[str], run_dir: Optional[Path], cache: Path, 
                           capture_output=True, text=True, timeout=timeout)
 
 
+def torchrun(args: Sequence[str], run_dir: Path, cache: Path, nproc: int = 2,
+             timeout: float = 300) -> subprocess.CompletedProcess:
+    """``train.py`` under ``torchrun --standalone`` with ``nproc`` processes (gloo on CPU)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           *command("train.py", args, run_dir)[1:]]
+    return subprocess.run(cmd, cwd=ROOT, env=env(cache), capture_output=True, text=True, timeout=timeout)
+
+
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from cli import ok, run, steps, summary
+from cli import ok, run, steps, summary, torchrun
 from dynconv.checkpoint import load_checkpoint
 
 pytest.importorskip("pycocotools")
@@ -89,6 +89,24 @@ def test_train_then_eval_reports_the_same_coco_ap(tmp_path, cache):
     assert scored["segm_AP"] == pytest.approx(last["eval_segm_AP"], abs=1e-3)
     assert "Average Precision" in scored["coco_summary"] and str(run_dir / "last.pt") in scored["loaded"]
     assert result.returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_two_gloo_processes_score_every_val_image_once(tmp_path, cache):
+    """Each rank scores its shard of the val set; rank 0 gathers the detections for one COCOeval, which
+    must equal a single-process ``eval.py`` of the same checkpoint."""
+    args = TINY_DET + ["detector=faster_rcnn", "model=resnet18", "conv=odconv_1x", "recipe.epochs=1"]
+    out = ok(torchrun(args, tmp_path / "run", cache, timeout=600)).stdout
+    assert "2 process(es) on cpu, global batch 4 = 2 x 2 x 1" in out and out.count("epoch 1/1:") == 1
+    row = summary(tmp_path / "run")["rows"][-1]
+    assert row["eval_count"] == 8
+    ok(run("eval.py", ["task=detection", "detector=faster_rcnn", "model=resnet18", "conv=odconv_1x",
+                       "data=synthetic_coco", *[a for a in TINY_DET if a.startswith(("data.", "+det"))],
+                       f"checkpoint={tmp_path / 'run' / 'last.pt'}", f"output={tmp_path / 'eval.json'}"],
+           tmp_path / "eval", cache))
+    scored = json.loads((tmp_path / "eval.json").read_text())
+    assert scored["count"] == 8 and scored["bbox_AP"] == pytest.approx(row["eval_bbox_AP"], abs=1e-3)
 
 
 @pytest.mark.slow

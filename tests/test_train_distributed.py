@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from cli import ROOT, TINY, env, ok, run, steps, summary
+from cli import TINY, ok, run, steps, summary, torchrun
 from dynconv.checkpoint import load_checkpoint
 from wandb_files import item_key, offline_run_file, wandb_history, wandb_records
 
@@ -19,12 +17,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.dist]
 # DY-Conv: a dynamic layer with a temperature schedule and no BatchNorm in its attention.
 EQUAL = TINY + ["model=resnet18", "conv=dyconv_4x", "+model.kwargs.norm_layer=groupnorm1", "recipe.batch_size=8",
                 "recipe.optimizer.lr=0.1"]
-
-
-def torchrun(args, run_dir, cache, nproc=2, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "train.py"), *args, f"hydra.run.dir={run_dir}"]
-    return subprocess.run(cmd, cwd=ROOT, env=env(cache), capture_output=True, text=True, timeout=timeout)
 
 
 def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_path):
