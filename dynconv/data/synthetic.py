@@ -11,15 +11,13 @@ partial set at ``root``.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, Tuple, Union
 
 import numpy as np
 from PIL import Image
+
+from .generated import generate_once
 
 if TYPE_CHECKING:
     from torchvision.datasets import ImageFolder
@@ -109,18 +107,6 @@ def _params(num_classes: int, train_per_class: int, val_per_class: int, image_si
                 val_per_class=val_per_class, image_size=image_size, seed=seed)
 
 
-def _existing(root: Path, params: Dict) -> bool:
-    marker = root / MARKER
-    if not marker.is_file():
-        return False
-    found = json.loads(marker.read_text())
-    if found != params:
-        diff = {k: (found.get(k), v) for k, v in params.items() if found.get(k) != v}
-        raise ValueError(f"{marker}: the synthetic set there was made with other settings "
-                         f"(found, asked): {diff}; use another root")
-    return True
-
-
 def make_synthetic_dataset(
     root: Union[str, Path],
     num_classes: int = 10,
@@ -145,33 +131,18 @@ def make_synthetic_dataset(
         raise ValueError(f"num_classes must be in 2..{len(CLASSES)}, got {num_classes}")
     if min(train_per_class, val_per_class) < 1 or image_size < 8:
         raise ValueError("need at least one image per class and split, and image_size >= 8")
-    root = Path(root)
     params = _params(num_classes, train_per_class, val_per_class, image_size, seed)
-    if _existing(root, params):
-        return root
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise ValueError(f"{root} exists and is not a dynconv synthetic dataset; use another root")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+
+    def write(directory: Path) -> None:
         for s, (split, count) in enumerate(zip(_SPLITS, (train_per_class, val_per_class))):
             for c, name in enumerate(params["classes"]):
-                folder = tmp / split / name
+                folder = directory / split / name
                 folder.mkdir(parents=True)
                 for i in range(count):
                     rng = np.random.default_rng([seed, s, c, i])
                     Image.fromarray(render(name, image_size, rng)).save(folder / f"{i:05d}.png", compress_level=1)
-        (tmp / MARKER).write_text(json.dumps(params, indent=1) + "\n")
-        try:
-            if root.exists():
-                root.rmdir()  # empty when checked above, unless another process has finished since
-            os.rename(tmp, root)
-        except OSError:  # another process finished first
-            if not _existing(root, params):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+
+    return generate_once(root, params, MARKER, "synthetic dataset", write)
 
 
 def synthetic_transform(train: bool = False) -> Callable:

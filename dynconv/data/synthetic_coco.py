@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from .generated import generate_once
 
 __all__ = ["CATEGORIES", "MARKER", "SPLITS", "make_synthetic_coco"]
 
@@ -186,20 +185,8 @@ def _params(train_images: int, val_images: int, image_size: int, seed: int) -> D
                 seed=seed)
 
 
-def _existing(root: Path, params: Dict) -> bool:
-    marker = root / MARKER
-    if not marker.is_file():
-        return False
-    found = json.loads(marker.read_text())
-    if found != params:
-        diff = {k: (found.get(k), v) for k, v in params.items() if found.get(k) != v}
-        raise ValueError(f"{marker}: the synthetic COCO set there was made with other settings "
-                         f"(found, asked): {diff}; use another root")
-    return True
-
-
 def make_synthetic_coco(
-    root: Union[str, os.PathLike],
+    root: Union[str, Path],
     *,
     train_images: int = 200,
     val_images: int = 50,
@@ -222,21 +209,15 @@ def make_synthetic_coco(
     if min(train_images, val_images) < 1 or image_size < 32:
         raise ValueError(f"need at least one image per split and image_size >= 32, got train_images="
                          f"{train_images}, val_images={val_images}, image_size={image_size}")
-    root = Path(root)
     params = _params(train_images, val_images, image_size, seed)
-    if _existing(root, params):
-        return root
-    if root.exists() and (not root.is_dir() or any(root.iterdir())):
-        raise ValueError(f"{root} exists and is not a dynconv synthetic COCO set; use another root")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        (tmp / "annotations").mkdir(parents=True)
+
+    def write(directory: Path) -> None:
+        (directory / "annotations").mkdir()
         next_ann_id = 1
         for s, (split, count) in enumerate(zip(SPLITS, (train_images, val_images))):
-            (tmp / split).mkdir()
+            (directory / split).mkdir()
             empty = _empty_indices(count) if s == 0 else set()
-            content, next_ann_id = _split(tmp / split, s, count, image_size, seed, next_ann_id, empty)
+            content, next_ann_id = _split(directory / split, s, count, image_size, seed, next_ann_id, empty)
             dataset = dict(
                 info=dict(description=f"dynconv synthetic shapes, COCO 2017 layout (seed {seed})",
                           url="", version=str(_VERSION), year=2017, contributor="dynconv", date_created=""),
@@ -244,15 +225,6 @@ def make_synthetic_coco(
                 categories=[dict(c) for c in CATEGORIES],
                 **content,
             )
-            (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(dataset))
-        (tmp / MARKER).write_text(json.dumps(params, indent=1) + "\n")
-        try:
-            if root.exists():
-                root.rmdir()  # empty when checked above, unless another process has finished since
-            os.rename(tmp, root)
-        except OSError:  # another process finished first
-            if not _existing(root, params):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+            (directory / "annotations" / f"instances_{split}.json").write_text(json.dumps(dataset))
+
+    return generate_once(root, params, MARKER, "synthetic COCO set", write)
