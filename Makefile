@@ -22,7 +22,7 @@ $(PY):
 
 $(STAMP): pyproject.toml $(CONSTRAINTS) | $(PY)
 	$(PIP) install -c $(CONSTRAINTS) $(TORCH_PKGS)
-	$(PIP) install -c $(CONSTRAINTS) -e '.[train,test]'
+	$(PIP) install -c $(CONSTRAINTS) -e '.[train,test,onnx]'
 	touch $@
 
 # The tests also check the mmdet plugin's registry and configs: mmdet's registry and config layer

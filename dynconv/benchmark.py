@@ -1,16 +1,24 @@
-"""Timing helpers for the benchmark scripts: side-by-side medians with warm-up.
+"""Speed and memory of conv variants against the static network, measured side by side.
 
 Cases are timed round-robin (one call of each case per round) so that a slow drift of the machine
 (thermal state, other processes) affects every case alike, which is what makes ratios between
-cases measured in one run trustworthy.
+cases measured in one run trustworthy. Peak memory is measured in a fresh process per case
+(:func:`training_memory`), so one case's allocator state cannot leak into another's.
 """
 from __future__ import annotations
 
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
-from typing import Callable, Dict, List, Mapping
+from dataclasses import asdict, dataclass
+from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 def _sync(device: torch.device) -> None:
@@ -48,3 +56,164 @@ def machine_summary() -> Dict[str, object]:
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What one benchmark run measures: training steps at ``batch`` (forward, backward, SGD step),
+    eval throughput at ``eval_batch`` and eval latency at batch 1, all at ``image_size``."""
+
+    batch: int = 16
+    eval_batch: int = 32
+    image_size: int = 224
+    repeats: int = 5
+    warmup: int = 2
+    device: str = "cpu"
+    num_classes: int = 1000
+
+
+def _inputs(batch: int, settings: BenchSettings, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, settings.image_size, settings.image_size, generator=gen)
+    y = torch.randint(0, settings.num_classes, (batch,), generator=gen)
+    return x.to(device), y.to(device)
+
+
+def training_step(model: nn.Module, settings: BenchSettings) -> Callable[[], None]:
+    """One SGD step of ``model`` on a fixed random batch (the task loss plus the layers' auxiliary loss)."""
+    from .auxiliary import auxiliary_loss
+
+    device = torch.device(settings.device)
+    x, y = _inputs(settings.batch, settings, device)
+    # a tiny learning rate: the weights hardly move, so every timed step does the same work
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
+
+    def step() -> None:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y) + auxiliary_loss(model)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def inference(model: nn.Module, batch: int, settings: BenchSettings) -> Callable[[], None]:
+    """An eval-mode forward of ``model`` on a fixed random batch."""
+    x, _ = _inputs(batch, settings, torch.device(settings.device))
+
+    def forward() -> None:
+        model.eval()
+        with torch.inference_mode():
+            model(x)
+
+    return forward
+
+
+def compare_convs(arch: str, convs: Sequence[str], settings: BenchSettings = BenchSettings(),
+                  memory: bool = True) -> List[Dict[str, object]]:
+    """Train-step time, eval throughput, batch-1 latency and peak training memory of each of
+    ``convs`` on ``arch``, each also as a ratio to ``static`` (measured in the same run).
+
+    ``static`` is added when missing. Ratios are ``variant / static`` for times and memory.
+    """
+    from . import count_macs, count_params, create_model
+
+    torch.set_flush_denormal(True)  # a random network's tiny activations must not hit slow denormal paths
+    device = torch.device(settings.device)
+    names = ["static", *[c for c in convs if c != "static"]]
+    models = {}
+    for conv in names:
+        torch.manual_seed(0)
+        models[conv] = create_model(arch, conv, num_classes=settings.num_classes).to(device)
+    size = settings.image_size
+    macs = {c: count_macs(m, (1, 3, size, size)) for c, m in models.items()}
+    timed = {}
+    for key, make in (("train_step_s", lambda m: training_step(m, settings)),
+                      ("eval_batch_s", lambda m: inference(m, settings.eval_batch, settings)),
+                      ("latency_s", lambda m: inference(m, 1, settings))):
+        timed[key] = interleaved_medians({c: make(m) for c, m in models.items()}, settings.repeats,
+                                         settings.warmup, device)
+    rows = []
+    for conv, model in models.items():
+        row: Dict[str, object] = {"arch": arch, "conv": conv, "params_m": round(count_params(model) / 1e6, 3),
+                                  "macs_g": round(macs[conv] / 1e9, 4),
+                                  "macs_ratio": round(macs[conv] / macs["static"], 3)}
+        for key, values in timed.items():
+            row[key] = round(values[conv], 5)
+            row[key[:-2] + "_ratio"] = round(values[conv] / values["static"], 3)
+        row["eval_images_per_s"] = round(settings.eval_batch / timed["eval_batch_s"][conv], 2)
+        rows.append(row)
+    if memory:
+        peaks = {c: training_memory(arch, c, settings) for c in names}
+        for row in rows:
+            peak = peaks[row["conv"]]
+            row["train_memory_mb"] = round(peak / 2**20, 1)
+            # None where the static run did not raise the peak at all (tiny settings)
+            row["train_memory_ratio"] = round(peak / peaks["static"], 3) if peaks["static"] > 0 else None
+    return rows
+
+
+def _status_bytes(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_rss_peak() -> int:
+    """Reset the process's peak RSS to its current RSS (Linux ``clear_refs`` 5) and return that RSS;
+    without it, the peak would still hold the transient of importing the libraries."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_bytes("VmRSS")
+    except OSError:  # not Linux, or not allowed: fall back to the lifetime peak
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _rss_peak_bytes() -> int:
+    try:
+        return _status_bytes("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measure_training_memory(arch: str, conv: str, settings: BenchSettings, steps: int = 2) -> int:
+    """Peak memory of training steps in this process, in bytes.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` over the steps, model and optimizer state included.
+    CPU: the peak RSS over the steps minus the RSS just before the model is built (model, optimizer state, activations, per-sample kernels and the allocator's slack), so
+    the interpreter and the imported libraries, the same for every case, do not dilute the ratio.
+    Call it in a fresh process (:func:`training_memory` does) so the peak belongs to this case.
+    """
+    from . import create_model
+
+    torch.set_flush_denormal(True)
+    device = torch.device(settings.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+    else:
+        _inputs(settings.batch, settings, device)  # warms the generator; the batch itself is data
+        start = _reset_rss_peak()
+    torch.manual_seed(0)
+    step = training_step(create_model(arch, conv, num_classes=settings.num_classes).to(device), settings)
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) - start
+    return _rss_peak_bytes() - start
+
+
+def training_memory(arch: str, conv: str, settings: BenchSettings) -> int:
+    """:func:`measure_training_memory` in a fresh Python process (same thread count)."""
+    code = ("import json, sys, torch; from dynconv.benchmark import BenchSettings, measure_training_memory; "
+            f"torch.set_num_threads({torch.get_num_threads()}); "
+            "a = json.loads(sys.argv[1]); "
+            "print(measure_training_memory(a['arch'], a['conv'], BenchSettings(**a['settings'])))")
+    args = json.dumps({"arch": arch, "conv": conv, "settings": asdict(settings)})
+    done = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory of {arch}/{conv} failed:\n{done.stderr[-2000:]}")
+    return int(done.stdout.strip().splitlines()[-1])

@@ -83,7 +83,7 @@ def gate(saliency: torch.Tensor, inactive: int) -> torch.Tensor:
 def _contiguous_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a * b`` written straight into a contiguous tensor when ``a`` is a strided view (one pass
     instead of a product that keeps ``a``'s strides plus a copy); autograd cannot use ``out=``."""
-    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
         return (a * b).contiguous()
     out = torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=a.dtype, device=a.device)
     return torch.mul(a, b, out=out)
@@ -216,8 +216,9 @@ class DGCConv2d(DynamicConv2dBase):
         whole rows, and the gathered rows are a matrix the sparse matmul reads transposed for free.
         Without autograd it is cached until a head's weight changes (on late layers rebuilding it
         would take as long as the convolution)."""
-        if torch.is_grad_enabled() and any(h.conv.weight.requires_grad for h in self.head_modules()):
-            return self._by_input_channel()
+        if torch.compiler.is_compiling() or (
+                torch.is_grad_enabled() and any(h.conv.weight.requires_grad for h in self.head_modules())):
+            return self._by_input_channel()  # (a compiled graph computes it inside the graph)
         key = tuple((h.conv.weight.data_ptr(), h.conv.weight._version) for h in self.head_modules())
         if self._weight_cache is None or self._weight_cache[0] != key:
             self._weight_cache = (key, self._by_input_channel())
@@ -257,7 +258,7 @@ class DGCConv2d(DynamicConv2dBase):
                                    self.padding, self.dilation)
             # Saliency scaling and im2col in one pass: (B * heads, width * taps, pixels).
             cols = _contiguous_product(patches, values.reshape(batch * heads, width, 1, 1, 1, 1))
-            cols = cols.view(batch * heads, width * taps, -1)
+            cols = cols.reshape(batch * heads, width * taps, -1)  # a view, unless a compiler chose other strides
             out = torch.bmm(rows.view(batch * heads, width * taps, c_head).transpose(1, 2), cols)
             return out.view(batch, heads, c_head, out_h, out_w).transpose(1, 2).reshape(batch, -1, out_h, out_w)
         # Conv layout (B, heads, C_out/heads, width, kh, kw), saliency-scaled in the same pass.

@@ -195,7 +195,9 @@ class InceptionConv2d(DynamicConv2dBase):
     def plan(self, x: torch.Tensor) -> List[_Pack]:
         """The packs the forward runs for an input like ``x`` (cached per size bucket and device)."""
         h, w = x.shape[-2:]
-        out_px = x.shape[0] * self._out_size(h, 0) * self._out_size(w, 1)
+        # an exported graph keeps one plan for every batch size (reading the batch would fix it): batch 1's
+        batch = 1 if torch.compiler.is_exporting() else x.shape[0]
+        out_px = batch * self._out_size(h, 0) * self._out_size(w, 1)
         rebuild = self._needs_grad()
         key = (self.impl, x.device, x.dtype, rebuild, round(math.log2(max(out_px, 1))), min(h, 64), min(w, 64))
         packs = self._plans.get(key)
@@ -244,7 +246,7 @@ class InceptionConv2d(DynamicConv2dBase):
         weights = [self.conv_list[i].weight for i in pack.members]
         if pack.slices is None:
             return weights[0]
-        if self._needs_grad():
+        if self._needs_grad() or torch.compiler.is_compiling():  # a compiled graph builds it in the graph
             return _embed(weights, pack)
         # Without autograd the packed kernel only changes with the parameters: reuse it.
         stamp = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)
@@ -380,6 +382,11 @@ class ConvCost:
         return t + (self.embed * n * reduction * taps if packed else 0.0)
 
 
+# fp32 lanes of oneDNN's CPU kernels (16 with AVX-512, 8 with AVX2), read at import: torch.compile cannot
+# trace the string the capability query returns
+_SIMD_BLOCK = 16 if "512" in torch.backends.cpu.get_cpu_capability() else 8
+
+
 def cpu_conv_cost(training: bool = False) -> ConvCost:
     """oneDNN fp32 on CPU, fitted (relative least squares) on single convolutions of the ic_resnet50
     layer shapes at batch 1 and 16 by ``scripts/bench_icconv.py``; ``training``: forward + backward.
@@ -390,7 +397,7 @@ def cpu_conv_cost(training: bool = False) -> ConvCost:
     worthwhile. ``embed`` is the zero-filled packed kernel and its gradient (packed kernels are cached
     when autograd is off).
     """
-    block = 16 if "512" in torch.backends.cpu.get_cpu_capability() else 8
+    block = _SIMD_BLOCK
     if training:
         return ConvCost(overhead=0.45, unit=2.8e-7, embed=1.5e-6, block=block)
     return ConvCost(overhead=0.10, unit=8.3e-8, embed=0.0, block=block)  # packed kernels are cached

@@ -124,10 +124,10 @@ class ODConv2d(DynamicConv2dBase):
             # The official "pw1x" path: 1x1 kernel and one kernel need no per-sample weights.
             y = F.conv2d(x, self.weight[0], None, **self._conv_kwargs())
         else:
-            weight = mix_kernels(a_w, self.weight) if a_w is not None else self.weight[0].unsqueeze(0)
-            if a_s is not None:
-                weight = weight * a_s
-            y = per_sample_conv2d(x, weight, None, **self._conv_kwargs())
+            # one kernel (1x): the weight stays shared and only the spatial attention varies per sample
+            weight = mix_kernels(a_w, self.weight) if a_w is not None else self.weight[0]
+            taps = a_s.reshape(x.shape[0], -1) if a_s is not None else None
+            y = per_sample_conv2d(x, weight, None, **self._conv_kwargs(), tap_scale=taps)
         if a_f is not None:
             y = y * a_f
         if self.bias is not None:

@@ -1,0 +1,76 @@
+"""Every per-sample conv path against the slow reference (a loop of ordinary convs), outputs and
+gradients, and the path rule of :func:`dynconv.ops.functional.choose_path`."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dynconv.ops.functional import PATHS, choose_path, per_sample_conv2d
+
+
+def reference(x, weight, bias, stride, padding, dilation, groups, tap_scale):
+    """Sample by sample: its own kernel (times its tap factors), one ordinary conv each."""
+    outs = []
+    for b in range(x.shape[0]):
+        w = weight[b] if weight.dim() == 5 else weight
+        if tap_scale is not None:
+            w = w * tap_scale[b].reshape(1, 1, *w.shape[-2:])
+        y = F.conv2d(x[b:b + 1], w, None, stride, padding, dilation, groups)
+        if bias is not None:
+            y = y + (bias[b] if bias.dim() == 2 else bias).reshape(1, -1, 1, 1)
+        outs.append(y)
+    return torch.cat(outs)
+
+
+CASES = {  # (C_in, C_out, size, kernel, stride, padding, dilation, groups)
+    "3x3": (6, 8, (9, 7), (3, 3), (1, 1), (1, 1), (1, 1), 1),
+    "3x3 stride 2": (6, 4, (10, 9), (3, 3), (2, 2), (1, 1), (1, 1), 1),
+    "1x1": (6, 5, (5, 6), (1, 1), (1, 1), (0, 0), (1, 1), 1),
+    "1x1 stride 2": (6, 5, (7, 6), (1, 1), (2, 2), (0, 0), (1, 1), 1),
+    "5x3 dilated": (4, 6, (13, 12), (5, 3), (1, 2), (2, 0), (2, 3), 1),
+    "grouped": (6, 4, (8, 8), (3, 3), (1, 1), (1, 1), (1, 1), 2),
+    "depthwise": (6, 6, (8, 7), (3, 3), (2, 2), (1, 1), (1, 1), 6),
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("kind", ["per-sample", "shared + taps", "per-sample + taps + bias"])
+def test_every_path_equals_the_reference_with_gradients(path, case, kind):
+    c_in, c_out, size, kernel, stride, padding, dilation, groups = CASES[case]
+    torch.manual_seed(0)
+    batch = 3
+    opts = dict(dtype=torch.float64, requires_grad=True)
+    x = torch.randn(batch, c_in, *size, **opts)
+    shape = (c_out, c_in // groups, *kernel)
+    weight = torch.randn(shape if kind.startswith("shared") else (batch, *shape), **opts)
+    taps = torch.rand(batch, kernel[0] * kernel[1], **opts) if "taps" in kind else None
+    bias = torch.randn(batch, c_out, **opts) if "bias" in kind else None
+    args = (stride, padding, dilation, groups)
+    got = per_sample_conv2d(x, weight, bias, *args, tap_scale=taps, path=path)
+    expected = reference(x, weight, bias, *args, taps)
+    torch.testing.assert_close(got, expected)
+    leaves = [t for t in (x, weight, taps, bias) if t is not None]
+    upstream = torch.randn_like(expected)
+    for g, e in zip(torch.autograd.grad(got, leaves, upstream), torch.autograd.grad(expected, leaves, upstream)):
+        torch.testing.assert_close(g, e)
+
+
+def test_the_rule_picks_each_path_where_it_measured_fastest():
+    w3, w1 = torch.empty(2, 64, 64, 3, 3), torch.empty(2, 256, 64, 1, 1)
+    big, small = torch.empty(2, 64, 56, 56), torch.empty(2, 64, 7, 7)
+    assert choose_path(big[:1], w3, (1, 1), (1, 1), 1) == "plain"  # one sample: an ordinary conv
+    assert choose_path(big, w3, (1, 1), (1, 1), 1) == "grouped"  # 56x56: oneDNN's grouped conv
+    assert choose_path(small, w3, (1, 1), (1, 1), 1) == "matmul"  # 7x7: the matmul
+    assert choose_path(big, w3, (2, 2), (1, 1), 1) == "grouped"  # 28x28 out
+    assert choose_path(torch.empty(2, 64, 28, 28), w3, (2, 2), (1, 1), 1) == "matmul"  # 14x14 out
+    assert choose_path(big, w1, (1, 1), (0, 0), 1) == "matmul"  # 1x1 at any size
+    depthwise = torch.empty(2, 64, 1, 3, 3)
+    assert choose_path(small, depthwise, (1, 1), (1, 1), 64) == "grouped"
+    assert choose_path(small, w3, (1, 1), "same", 1) == "grouped"  # string padding: conv only
+
+
+def test_an_unknown_path_is_named():
+    with pytest.raises(ValueError, match="fused"):
+        per_sample_conv2d(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 3, 1, 1), path="fused")
