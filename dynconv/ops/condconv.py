@@ -54,7 +54,8 @@ class CondConv2d(DynamicConv2dBase):
         routing = torch.sigmoid(self.routing(global_pool(x).flatten(1)))
         weight = mix_kernels(routing, self.weight)
         bias = routing @ self.bias if self.bias is not None else None
-        return per_sample_conv2d(x, weight, bias, **self._conv_kwargs())
+        return per_sample_conv2d(x, weight, bias, **self._conv_kwargs(),
+                                 rebuild=lambda: mix_kernels(routing, self.weight))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_experts={self.num_experts}"

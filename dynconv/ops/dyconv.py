@@ -81,7 +81,7 @@ class DynamicConv2d(DynamicConv2dBase):
         attn = self.attention(x)
         weight = mix_kernels(attn, self.weight)
         bias = attn @ self.bias if self.bias is not None else None
-        return per_sample_conv2d(x, weight, bias, **self._conv_kwargs())
+        return per_sample_conv2d(x, weight, bias, **self._conv_kwargs(), rebuild=lambda: mix_kernels(attn, self.weight))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_kernels={self.num_kernels}"

@@ -12,10 +12,12 @@ small maps and 1x1 kernels, and the one path that exports with a dynamic batch s
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+
+from ._recompute import rebuilt_in_backward
 
 Padding = Union[str, Sequence[int]]
 
@@ -79,6 +81,7 @@ def per_sample_conv2d(
     groups: int = 1,
     tap_scale: Optional[torch.Tensor] = None,
     path: Optional[str] = None,
+    rebuild: Optional[Callable[[], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Convolve sample ``b`` of ``x`` with ``weight[b]`` (times ``tap_scale[b]`` per kernel tap).
 
@@ -93,6 +96,10 @@ def per_sample_conv2d(
             which is exact (a tap's weight multiplies only that tap's input) and cheaper when the
             kernels outnumber the pixels.
         path: force ``"plain"`` / ``"grouped"`` / ``"matmul"``; default :func:`choose_path`.
+        rebuild: recomputes ``weight`` exactly (e.g. the kernel mixing, from detached inputs). Given, the
+            per-sample kernels are not kept for the backward but rebuilt there
+            (:func:`~dynconv.ops._recompute.rebuilt_in_backward`): ``B`` x the layer's weights less memory
+            for one more kernel mixing.
 
     Returns:
         ``(B, C_out, H', W')``.
@@ -100,15 +107,33 @@ def per_sample_conv2d(
     path = path or choose_path(x, weight, stride, padding, groups)
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; choose one of {PATHS}")
-    batch = x.shape[0]
     c_out = weight.shape[-4]
+    # per-sample kernels (and scaled copies) to rebuild in the backward instead of keeping them
+    recipes = {weight: rebuild} if rebuild is not None and weight.dim() == 5 else {}
+    with rebuilt_in_backward(recipes, x.device):
+        out = _conv(path, x, weight, stride, padding, dilation, groups, tap_scale, recipes)
+    if bias is not None:
+        out = out + bias.reshape(-1 if bias.dim() == 2 else 1, c_out, 1, 1)
+    return out
+
+
+def _conv(path: str, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Padding,
+          dilation: Sequence[int], groups: int, tap_scale: Optional[torch.Tensor],
+          recipes: Dict[torch.Tensor, Callable[[], torch.Tensor]]) -> torch.Tensor:
+    batch, c_out = x.shape[0], weight.shape[-4]
     if path == "matmul":
         out = _matmul_conv(x, weight, stride, padding, dilation, groups, tap_scale)
     else:
-        if weight.dim() == 4:
-            weight = weight.unsqueeze(0).expand(batch, *weight.shape) if tap_scale is not None else weight
         if tap_scale is not None:
-            weight = weight * tap_scale.reshape(batch, 1, 1, *weight.shape[-2:])
+            if weight.dim() == 4:  # shared kernel: only its scaled per-sample copies are per-sample
+                shared = weight.detach().unsqueeze(0).expand(batch, *weight.shape)
+                weight, base = weight.unsqueeze(0).expand(batch, *weight.shape), (lambda: shared)
+            else:
+                base = recipes.get(weight)
+            scale = tap_scale.reshape(batch, 1, 1, *weight.shape[-2:])
+            weight = weight * scale
+            if base is not None:  # the scaled copy is rebuilt too (registered before the conv saves it)
+                recipes[weight] = lambda: base() * scale
         if weight.dim() == 4:
             out = F.conv2d(x, weight, None, stride, padding, dilation, groups)
         elif path == "plain":
@@ -118,8 +143,6 @@ def per_sample_conv2d(
             out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weight.reshape(-1, *weight.shape[2:]), None,
                            stride, padding, dilation, groups * batch)
             out = out.reshape(batch, c_out, *out.shape[2:])
-    if bias is not None:
-        out = out + bias.reshape(-1 if bias.dim() == 2 else 1, c_out, 1, 1)
     return out
 
 

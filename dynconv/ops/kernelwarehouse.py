@@ -491,8 +491,9 @@ class KWConv2d(DynamicConv2dBase):
                 "KWConv2d has no cells yet: its WarehouseManager must run store() and allocate(model) "
                 "(dynconv.convert does this)"
             )
-        weight = self.kernel(self.attention(x))
-        return per_sample_conv2d(x, weight, self.bias, **self._conv_kwargs())
+        attention = self.attention(x)
+        weight = self.kernel(attention)
+        return per_sample_conv2d(x, weight, self.bias, **self._conv_kwargs(), rebuild=lambda: self.kernel(attention))
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", warehouse={self.warehouse_id}"

@@ -127,7 +127,8 @@ class ODConv2d(DynamicConv2dBase):
             # one kernel (1x): the weight stays shared and only the spatial attention varies per sample
             weight = mix_kernels(a_w, self.weight) if a_w is not None else self.weight[0]
             taps = a_s.reshape(x.shape[0], -1) if a_s is not None else None
-            y = per_sample_conv2d(x, weight, None, **self._conv_kwargs(), tap_scale=taps)
+            rebuild = (lambda: mix_kernels(a_w, self.weight)) if a_w is not None else None
+            y = per_sample_conv2d(x, weight, None, **self._conv_kwargs(), tap_scale=taps, rebuild=rebuild)
         if a_f is not None:
             y = y * a_f
         if self.bias is not None:

@@ -74,3 +74,54 @@ def test_the_rule_picks_each_path_where_it_measured_fastest():
 def test_an_unknown_path_is_named():
     with pytest.raises(ValueError, match="fused"):
         per_sample_conv2d(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 3, 1, 1), path="fused")
+
+
+@pytest.mark.parametrize("path", ["grouped", "matmul", "plain"])
+@pytest.mark.parametrize("taps", [False, True])
+def test_kernels_rebuilt_in_the_backward_give_the_same_gradients(path, taps):
+    """With ``rebuild`` the per-sample kernels are not kept for the backward: the recipe runs there
+    (counted), and every gradient equals the one from kept kernels."""
+    from dynconv.ops.functional import mix_kernels
+
+    torch.manual_seed(0)
+    opts = dict(dtype=torch.float64, requires_grad=True)
+    x, bank = torch.randn(3, 4, 9, 8, **opts), torch.randn(5, 6, 4, 3, 3, **opts)
+    coeffs = torch.randn(3, 5, **opts)
+    scale = torch.rand(3, 9, **opts) if taps else None
+    calls = []
+
+    def rebuild():
+        calls.append(1)
+        return mix_kernels(coeffs, bank)
+
+    leaves = [t for t in (x, bank, coeffs, scale) if t is not None]
+    upstream = torch.randn(3, 6, 9, 8, dtype=torch.float64)
+    kept = per_sample_conv2d(x, mix_kernels(coeffs, bank), None, (1, 1), (1, 1), (1, 1), tap_scale=scale, path=path)
+    rebuilt = per_sample_conv2d(x, mix_kernels(coeffs, bank), None, (1, 1), (1, 1), (1, 1), tap_scale=scale,
+                                path=path, rebuild=rebuild)
+    torch.testing.assert_close(rebuilt, kept)
+    expected = torch.autograd.grad(kept, leaves, upstream)
+    assert not calls
+    for got, want in zip(torch.autograd.grad(rebuilt, leaves, upstream), expected):
+        torch.testing.assert_close(got, want)
+    assert calls  # the backward rebuilt the kernels instead of reading kept ones
+
+
+@pytest.mark.parametrize("path", ["grouped", "matmul"])
+def test_kernels_rebuilt_under_autocast_match_kept_ones(path):
+    """bf16 autocast on CPU: the backward replays the forward's autocast, so the rebuilt kernels are the
+    bf16 kernels the forward used and the gradients are those of kept kernels."""
+    from dynconv.ops.functional import mix_kernels
+
+    torch.manual_seed(0)
+    x, bank = torch.randn(4, 8, 6, 6, requires_grad=True), torch.randn(4, 8, 8, 3, 3, requires_grad=True)
+    coeffs = torch.softmax(torch.randn(4, 4), 1).requires_grad_()
+    grads = []
+    for rebuild in (None, lambda: mix_kernels(coeffs, bank)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = per_sample_conv2d(x, mix_kernels(coeffs, bank), None, (1, 1), (1, 1), (1, 1), path=path,
+                                  rebuild=rebuild)
+        assert y.dtype == torch.bfloat16
+        grads.append(torch.autograd.grad(y.float().square().sum(), (x, bank, coeffs)))
+    for kept, rebuilt in zip(*grads):
+        torch.testing.assert_close(rebuilt, kept, rtol=0, atol=0)
