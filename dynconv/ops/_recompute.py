@@ -8,40 +8,58 @@ copies are replaced by a recipe: the same idea as activation checkpointing, appl
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, Iterator, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
+Recipe = Callable[[], torch.Tensor]
+
+
+class KernelRecipes:
+    """Recipes by tensor storage. Holds no tensor: autograd keeps the saved-tensor hooks (and what they
+    reach) as long as the graph, so a strong reference here would keep every kernel alive anyway."""
+
+    def __init__(self) -> None:
+        # off without autograd, and while compiling or exporting: traced tensors have no storage, and a
+        # compiler plans its own recomputation
+        self.enabled = torch.is_grad_enabled() and not (torch.compiler.is_compiling()
+                                                        or torch.compiler.is_exporting())
+        self._by_storage: Dict[int, Recipe] = {}
+
+    def add(self, tensor: torch.Tensor, recipe: Recipe) -> None:
+        if self.enabled:
+            self._by_storage[tensor.untyped_storage().data_ptr()] = recipe
+
+    def get(self, tensor: torch.Tensor) -> Optional[Recipe]:
+        return self._by_storage.get(tensor.untyped_storage().data_ptr())
+
 
 @contextlib.contextmanager
-def rebuilt_in_backward(recipes: Dict[torch.Tensor, Callable[[], torch.Tensor]],
-                        device: torch.device) -> Iterator[None]:
-    """Within the block, autograd saves no tensor that shares storage with a key of ``recipes`` (keys
-    may be added inside the block); the
-    backward calls the key's recipe (without autograd, under the forward's autocast state) and reads
-    the saved view from its result.
+def rebuilt_in_backward(recipes: KernelRecipes, device: torch.device) -> Iterator[None]:
+    """Within the block, autograd saves no tensor that shares storage with a tensor of ``recipes`` (which
+    may be added inside the block, before an op saves them); the backward calls the recipe (without
+    autograd, under the forward's autocast state on ``device``) and reads the saved view from its result.
 
     A recipe must rebuild its tensor exactly (the same ops on the same inputs), or gradients are wrong.
-    ``device``: where the tensors live (its autocast state is replayed). Does nothing while compiling (the compiler plans its own recomputation) or without autograd.
+    Tensors must stay alive while the block runs (their storage address identifies them). Does nothing
+    where ``recipes`` is disabled (no autograd, compiling, exporting).
     """
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if not recipes.enabled:
         yield
         return
-    device = device.type
-    autocast = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+    device_type = device.type
+    autocast = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
     def pack(saved: torch.Tensor):
-        # looked up per call: the block may register tensors it creates (before an op saves them)
-        storage = saved.untyped_storage().data_ptr()
-        for owner, recipe in recipes.items():
-            if owner.untyped_storage().data_ptr() == storage and saved.device.type == device:
-                return _Rebuild(recipe, saved.size(), saved.stride(), saved.storage_offset(), saved.dtype)
-        return saved
+        recipe = recipes.get(saved) if saved.device.type == device_type else None
+        if recipe is None:
+            return saved
+        return _Rebuild(recipe, saved.size(), saved.stride(), saved.storage_offset(), saved.dtype)
 
     def unpack(packed):
         if not isinstance(packed, _Rebuild):
             return packed
-        with torch.no_grad(), torch.autocast(device, dtype=autocast[1], enabled=autocast[0]):
+        with torch.no_grad(), torch.autocast(device_type, dtype=autocast[1], enabled=autocast[0]):
             full = packed.recipe()
         return full.to(packed.dtype).as_strided(packed.size, packed.stride, packed.offset)
 
@@ -52,6 +70,6 @@ def rebuilt_in_backward(recipes: Dict[torch.Tensor, Callable[[], torch.Tensor]],
 class _Rebuild:
     __slots__ = ("recipe", "size", "stride", "offset", "dtype")
 
-    def __init__(self, recipe: Callable[[], torch.Tensor], size: torch.Size, stride: Tuple[int, ...], offset: int,
+    def __init__(self, recipe: Recipe, size: torch.Size, stride: Tuple[int, ...], offset: int,
                  dtype: torch.dtype) -> None:
         self.recipe, self.size, self.stride, self.offset, self.dtype = recipe, size, stride, offset, dtype

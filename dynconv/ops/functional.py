@@ -12,12 +12,12 @@ small maps and 1x1 kernels, and the one path that exports with a dynamic batch s
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from ._recompute import rebuilt_in_backward
+from ._recompute import KernelRecipes, rebuilt_in_backward
 
 Padding = Union[str, Sequence[int]]
 
@@ -82,6 +82,7 @@ def per_sample_conv2d(
     tap_scale: Optional[torch.Tensor] = None,
     path: Optional[str] = None,
     rebuild: Optional[Callable[[], torch.Tensor]] = None,
+    in_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Convolve sample ``b`` of ``x`` with ``weight[b]`` (times ``tap_scale[b]`` per kernel tap).
 
@@ -100,6 +101,8 @@ def per_sample_conv2d(
             per-sample kernels are not kept for the backward but rebuilt there
             (:func:`~dynconv.ops._recompute.rebuilt_in_backward`): ``B`` x the layer's weights less memory
             for one more kernel mixing.
+        in_scale: optional ``(B, C_in)`` factor of each input channel (ODConv's channel attention),
+            applied here so that the scaled input, too, is rebuilt in the backward rather than kept.
 
     Returns:
         ``(B, C_out, H', W')``.
@@ -109,8 +112,14 @@ def per_sample_conv2d(
         raise ValueError(f"unknown path {path!r}; choose one of {PATHS}")
     c_out = weight.shape[-4]
     # per-sample kernels (and scaled copies) to rebuild in the backward instead of keeping them
-    recipes = {weight: rebuild} if rebuild is not None and weight.dim() == 5 else {}
+    recipes = KernelRecipes()
+    if rebuild is not None and weight.dim() == 5:
+        recipes.add(weight, rebuild)
     with rebuilt_in_backward(recipes, x.device):
+        if in_scale is not None:
+            source, factor = x, in_scale.reshape(*in_scale.shape, 1, 1)
+            x = source * factor
+            recipes.add(x, lambda: source * factor)
         out = _conv(path, x, weight, stride, padding, dilation, groups, tap_scale, recipes)
     if bias is not None:
         out = out + bias.reshape(-1 if bias.dim() == 2 else 1, c_out, 1, 1)
@@ -119,7 +128,7 @@ def per_sample_conv2d(
 
 def _conv(path: str, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Padding,
           dilation: Sequence[int], groups: int, tap_scale: Optional[torch.Tensor],
-          recipes: Dict[torch.Tensor, Callable[[], torch.Tensor]]) -> torch.Tensor:
+          recipes: KernelRecipes) -> torch.Tensor:
     batch, c_out = x.shape[0], weight.shape[-4]
     if path == "matmul":
         out = _matmul_conv(x, weight, stride, padding, dilation, groups, tap_scale)
@@ -133,7 +142,7 @@ def _conv(path: str, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int
             scale = tap_scale.reshape(batch, 1, 1, *weight.shape[-2:])
             weight = weight * scale
             if base is not None:  # the scaled copy is rebuilt too (registered before the conv saves it)
-                recipes[weight] = lambda: base() * scale
+                recipes.add(weight, lambda: base() * scale)
         if weight.dim() == 4:
             out = F.conv2d(x, weight, None, stride, padding, dilation, groups)
         elif path == "plain":

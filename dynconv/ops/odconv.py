@@ -119,16 +119,16 @@ class ODConv2d(DynamicConv2dBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a_c, a_f, a_s, a_w = self.attention(x)
-        x = x * a_c
         if a_s is None and a_w is None:
             # The official "pw1x" path: 1x1 kernel and one kernel need no per-sample weights.
-            y = F.conv2d(x, self.weight[0], None, **self._conv_kwargs())
+            y = F.conv2d(x * a_c, self.weight[0], None, **self._conv_kwargs())
         else:
             # one kernel (1x): the weight stays shared and only the spatial attention varies per sample
             weight = mix_kernels(a_w, self.weight) if a_w is not None else self.weight[0]
             taps = a_s.reshape(x.shape[0], -1) if a_s is not None else None
             rebuild = (lambda: mix_kernels(a_w, self.weight)) if a_w is not None else None
-            y = per_sample_conv2d(x, weight, None, **self._conv_kwargs(), tap_scale=taps, rebuild=rebuild)
+            y = per_sample_conv2d(x, weight, None, **self._conv_kwargs(), tap_scale=taps, rebuild=rebuild,
+                                  in_scale=a_c.flatten(1))
         if a_f is not None:
             y = y * a_f
         if self.bias is not None:

@@ -78,9 +78,10 @@ def test_an_unknown_path_is_named():
 
 @pytest.mark.parametrize("path", ["grouped", "matmul", "plain"])
 @pytest.mark.parametrize("taps", [False, True])
-def test_kernels_rebuilt_in_the_backward_give_the_same_gradients(path, taps):
-    """With ``rebuild`` the per-sample kernels are not kept for the backward: the recipe runs there
-    (counted), and every gradient equals the one from kept kernels."""
+@pytest.mark.parametrize("channels", [False, True])
+def test_kernels_rebuilt_in_the_backward_give_the_same_gradients(path, taps, channels):
+    """With ``rebuild`` the per-sample kernels (and with ``in_scale`` the scaled input) are not kept for
+    the backward: the recipe runs there (counted), and every gradient equals the one from kept tensors."""
     from dynconv.ops.functional import mix_kernels
 
     torch.manual_seed(0)
@@ -88,17 +89,20 @@ def test_kernels_rebuilt_in_the_backward_give_the_same_gradients(path, taps):
     x, bank = torch.randn(3, 4, 9, 8, **opts), torch.randn(5, 6, 4, 3, 3, **opts)
     coeffs = torch.randn(3, 5, **opts)
     scale = torch.rand(3, 9, **opts) if taps else None
+    in_scale = torch.rand(3, 4, **opts) if channels else None
     calls = []
 
     def rebuild():
         calls.append(1)
         return mix_kernels(coeffs, bank)
 
-    leaves = [t for t in (x, bank, coeffs, scale) if t is not None]
+    leaves = [t for t in (x, bank, coeffs, scale, in_scale) if t is not None]
     upstream = torch.randn(3, 6, 9, 8, dtype=torch.float64)
-    kept = per_sample_conv2d(x, mix_kernels(coeffs, bank), None, (1, 1), (1, 1), (1, 1), tap_scale=scale, path=path)
+    scaled = x * in_scale[:, :, None, None] if channels else x
+    kept = per_sample_conv2d(scaled, mix_kernels(coeffs, bank), None, (1, 1), (1, 1), (1, 1), tap_scale=scale,
+                             path=path)
     rebuilt = per_sample_conv2d(x, mix_kernels(coeffs, bank), None, (1, 1), (1, 1), (1, 1), tap_scale=scale,
-                                path=path, rebuild=rebuild)
+                                path=path, rebuild=rebuild, in_scale=in_scale)
     torch.testing.assert_close(rebuilt, kept)
     expected = torch.autograd.grad(kept, leaves, upstream)
     assert not calls
