@@ -158,10 +158,10 @@ def _conv(path: str, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int
 def _matmul_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Padding,
                  dilation: Sequence[int], groups: int, tap_scale: Optional[torch.Tensor]) -> torch.Tensor:
     """The conv as ``kernels @ unfolded input``, batched over samples and groups."""
-    if isinstance(padding, str):
-        raise ValueError("the matmul path takes numeric padding only")
     batch, c_in = x.shape[:2]
     (kh, kw) = weight.shape[-2:]
+    if isinstance(padding, str):
+        padding = _numeric_padding(padding, (kh, kw), stride, dilation)
     cols, out_h, out_w = unfold_taps(x, (kh, kw), stride, padding, dilation)  # (B, C_in, taps, pixels)
     if tap_scale is not None:
         cols = cols * tap_scale.reshape(batch, 1, kh * kw, 1)
@@ -175,6 +175,18 @@ def _matmul_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], p
         return out.reshape(c_out, batch, out_h, out_w).transpose(0, 1).contiguous()
     kernels = weight.reshape(*weight.shape[:-4], groups, c_out // groups, -1)  # ([B,] g, C_out / g, K)
     return torch.matmul(kernels, cols).reshape(batch, c_out, out_h, out_w)
+
+
+def _numeric_padding(padding: str, kernel: Sequence[int], stride: Sequence[int],
+                     dilation: Sequence[int]) -> Sequence[int]:
+    """``"valid"`` / ``"same"`` as per-side padding (``"same"``: stride 1, symmetric only)."""
+    if padding == "valid":
+        return (0, 0)
+    spans = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    if padding != "same" or any(s != 1 for s in stride) or any(span % 2 for span in spans):
+        raise ValueError(f"padding={padding!r} with kernel {tuple(kernel)}, stride {tuple(stride)}: the matmul "
+                         "path needs numeric or symmetric 'same' padding")
+    return tuple(span // 2 for span in spans)
 
 
 def unfold_taps(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int] = (1, 1),

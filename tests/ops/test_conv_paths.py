@@ -31,6 +31,7 @@ CASES = {  # (C_in, C_out, size, kernel, stride, padding, dilation, groups)
     "5x3 dilated": (4, 6, (13, 12), (5, 3), (1, 2), (2, 0), (2, 3), 1),
     "grouped": (6, 4, (8, 8), (3, 3), (1, 1), (1, 1), (1, 1), 2),
     "depthwise": (6, 6, (8, 7), (3, 3), (2, 2), (1, 1), (1, 1), 6),
+    "'same' padding": (6, 8, (9, 7), (3, 3), (1, 1), "same", (2, 2), 1),
 }
 
 
