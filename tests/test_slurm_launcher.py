@@ -53,7 +53,8 @@ def test_two_task_job_is_one_ddp_run_equal_to_one_process(slurm_cluster, tmp_pat
 
 def test_requeued_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path):
     cache, sweep_dir = tmp_path / "cache", tmp_path / "sweep"
-    args = TINY + ["model=resnet18", "conv=odconv_1x", "recipe.epochs=3", "trainer.checkpoint_interval=2"]
+    # 12 epochs of 4 steps: still running when SLURM kills it KillWait (5 s) after the requeue's SIGTERM
+    args = TINY + ["model=resnet18", "conv=odconv_1x", "recipe.epochs=12", "trainer.checkpoint_interval=2"]
     cmd = command("train.py", ["-m", *LAUNCHER, *args, f"hydra.sweep.dir={sweep_dir}"])
     launcher = subprocess.Popen(cmd, env=env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
@@ -68,16 +69,16 @@ def test_requeued_job_resumes_from_its_checkpoint(slurm_cluster, tmp_path):
             subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
             break
         time.sleep(0.1)
-    assert job_id is not None and requeued_at < 12, "the job ended before it could be requeued"
+    assert job_id is not None and requeued_at < 48, "the job ended before it could be requeued"
     out, _ = launcher.communicate(timeout=600)
     assert launcher.returncode == 0, out[-3000:]
     (job,) = job_dirs(sweep_dir)
     log = "".join(p.read_text() for p in (sweep_dir / ".submitit" / job_id).glob("*_log.out"))
     assert "(resumed from last.pt at step " in log, log[-3000:]
     resumed_step = int(log.split("(resumed from last.pt at step ")[1].split(")")[0])
-    assert 0 < resumed_step < 12
+    assert 0 < resumed_step < 48
     # the requeued job continued the run: the same losses as an uninterrupted local run
     ok(run("train.py", args, tmp_path / "straight", cache))
     a, b = steps(tmp_path / "straight"), steps(job)
-    assert sorted(b) == list(range(1, 13))
+    assert sorted(b) == list(range(1, 49))
     assert [a[s]["train/loss"] for s in sorted(a)] == [b[s]["train/loss"] for s in sorted(b)]

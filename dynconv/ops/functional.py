@@ -12,7 +12,8 @@ small maps and 1x1 kernels, and the one path that exports with a dynamic batch s
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+import contextlib
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,21 @@ def mix_kernels(coeffs: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
 # A loop of per-sample convs was slower than both on every shape (up to 25x on 7x7 backward).
 MATMUL_MAX_PIXELS = 256
 PATHS = ("plain", "grouped", "matmul")
+_forced_path: Optional[str] = None
+
+
+@contextlib.contextmanager
+def forced_path(path: str) -> Iterator[None]:
+    """Every per-sample conv in the block takes ``path`` (except while exporting). MAC counting uses
+    ``"grouped"``, so that its op counter sees each per-sample conv as a convolution at any batch size."""
+    global _forced_path
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; choose one of {PATHS}")
+    previous, _forced_path = _forced_path, path
+    try:
+        yield
+    finally:
+        _forced_path = previous
 
 
 def choose_path(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Padding,
@@ -60,6 +76,8 @@ def choose_path(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], pa
     """
     if torch.compiler.is_exporting():
         return "matmul"
+    if _forced_path is not None:
+        return _forced_path
     if x.shape[0] == 1:
         return "plain"
     if isinstance(padding, str) or (groups > 1 and groups == x.shape[1]):

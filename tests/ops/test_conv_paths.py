@@ -130,3 +130,14 @@ def test_kernels_rebuilt_under_autocast_match_kept_ones(path):
         grads.append(torch.autograd.grad(y.float().square().sum(), (x, bank, coeffs)))
     for kept, rebuilt in zip(*grads):
         torch.testing.assert_close(rebuilt, kept, rtol=0, atol=0)
+
+
+def test_a_forced_path_wins_inside_its_block_only():
+    from dynconv.ops.functional import forced_path
+
+    big, w3 = torch.empty(2, 64, 56, 56), torch.empty(2, 64, 64, 3, 3)
+    with forced_path("matmul"):
+        assert choose_path(big, w3, (1, 1), (1, 1), 1) == "matmul"
+    assert choose_path(big, w3, (1, 1), (1, 1), 1) == "grouped"
+    with pytest.raises(ValueError, match="fused"), forced_path("fused"):
+        pass
