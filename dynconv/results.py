@@ -235,7 +235,7 @@ def write_tables(paper: List[dict], gathered: Gathered, out_dir: Path, count: Co
         else:
             lines = ["Paper numbers from `results/paper.csv`; ours from the run directories. "
                      "Params and MACs are `dynconv.count_params` / `count_macs` at 224 px.", "",
-                     *classification_table(rows, [r for r in gathered.runs if not r.detection], count)]
+                     *classification_table(rows, gathered.runs, count)]
         body = [f"# {name}", "", *lines]
         if problems:
             body += ["", "Run directories that could not be read:", *problems]

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import auxiliary_loss, count_params
-from ..checkpoint import atomic_write, load_checkpoint, load_weights
+from ..checkpoint import atomic_write
 from ..data import build_loader
 from ..data.coco import coco_datasets, detection_collate
 from ..data.detection_transforms import build_detection_transform
@@ -31,6 +31,7 @@ from ..schedules import set_progress
 from .builders import loader_workers
 from .config import validate
 from .distributed import DistInfo, broadcast_object, resolve_device
+from .eval_checkpoint import load_for_eval
 from .evaluate import autocast
 from .trainer import Trainer
 
@@ -231,15 +232,7 @@ def run_eval_detection(cfg: Any) -> Dict[str, Any]:
     device = resolve_device(t.device)
     data = build_detection_data(cfg.data, None, with_masks=det.name == "mask_rcnn")
     model = build_detector(cfg, data.num_classes)
-    loaded = model.backbone.body.load_report
-    if cfg.checkpoint:
-        state = load_checkpoint(cfg.checkpoint)
-        loaded = load_weights(model, state, expect={"arch": cfg.model.name, "conv": cfg.conv.name,
-                                                    "detector": det.name}, use_ema=cfg.use_ema)
-        loaded = loaded.replace("<in-memory checkpoint>", str(cfg.checkpoint))
-        progress = (state.get("meta") or {}).get("schedule_progress")
-        if progress is not None:
-            set_progress(model, progress)
+    loaded = load_for_eval(model, cfg, detector=det.name) if cfg.checkpoint else model.backbone.body.load_report
     model.to(device)
     loader = build_loader(data.val, batch_size=cfg.batch_size or 1, train=False, workers=loader_workers(t.workers),
                           collate_fn=detection_collate)

@@ -17,10 +17,11 @@ from .distributed import resolve_device
 from .evaluate import evaluate, images_per_second, to_channels_last
 
 
-def _load(model: torch.nn.Module, cfg: Any) -> str:
-    """Load ``cfg.checkpoint``; a dynconv run's layer schedules are set where that run left them."""
+def load_for_eval(model: torch.nn.Module, cfg: Any, **expect: str) -> str:
+    """Load ``cfg.checkpoint`` (checked against arch, conv and ``expect``); a dynconv run's layer
+    schedules are set where that run left them. Returns what was loaded."""
     state = load_checkpoint(cfg.checkpoint)
-    loaded = load_weights(model, state, expect={"arch": cfg.model.name, "conv": cfg.conv.name},
+    loaded = load_weights(model, state, expect={"arch": cfg.model.name, "conv": cfg.conv.name, **expect},
                           use_ema=cfg.use_ema)
     meta = state.get("meta") if isinstance(state.get("meta"), dict) else {}
     progress = meta.get("schedule_progress", meta.get("epoch"))
@@ -45,7 +46,7 @@ def run_eval(cfg: Any) -> Dict[str, Any]:
     device = resolve_device(t.device)
     data = build_data(cfg.data, None, eval_interpolation=cfg.interpolation)
     model = build_model(cfg.model, cfg.conv, data.num_classes)
-    loaded = _load(model, cfg) if cfg.checkpoint else "no checkpoint: a freshly initialised model"
+    loaded = load_for_eval(model, cfg) if cfg.checkpoint else "no checkpoint: a freshly initialised model"
     size = cfg.data.image_size
     params, macs = count_params(model), count_macs(model, (1, 3, size, size))
     model.to(device)

@@ -19,11 +19,12 @@ class KernelRecipes:
     """Recipes by tensor storage. Holds no tensor: autograd keeps the saved-tensor hooks (and what they
     reach) as long as the graph, so a strong reference here would keep every kernel alive anyway."""
 
-    def __init__(self) -> None:
-        # off without autograd, and while compiling or exporting: traced tensors have no storage, and a
-        # compiler plans its own recomputation
-        self.enabled = torch.is_grad_enabled() and not (torch.compiler.is_compiling()
-                                                        or torch.compiler.is_exporting())
+    def __init__(self, wanted: bool = True) -> None:
+        # off when the caller has nothing to rebuild (no hooks on its ops at all), without autograd, and
+        # while compiling or exporting: traced tensors have no storage, and a compiler plans its own
+        # recomputation
+        self.enabled = wanted and torch.is_grad_enabled() and not (torch.compiler.is_compiling()
+                                                                   or torch.compiler.is_exporting())
         self._by_storage: Dict[int, Recipe] = {}
 
     def add(self, tensor: torch.Tensor, recipe: Recipe) -> None:

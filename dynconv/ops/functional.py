@@ -130,7 +130,7 @@ def per_sample_conv2d(
         raise ValueError(f"unknown path {path!r}; choose one of {PATHS}")
     c_out = weight.shape[-4]
     # per-sample kernels (and scaled copies) to rebuild in the backward instead of keeping them
-    recipes = KernelRecipes()
+    recipes = KernelRecipes(wanted=rebuild is not None or tap_scale is not None or in_scale is not None)
     if rebuild is not None and weight.dim() == 5:
         recipes.add(weight, rebuild)
     with rebuilt_in_backward(recipes, x.device):
