@@ -1,5 +1,6 @@
 """Shared pytest set-up: one torch thread per xdist worker, and a fixed seed for every test."""
 
+import importlib.util
 import os
 import random
 import socket
@@ -14,6 +15,17 @@ import torch
 # 2 workers on 2 cores from oversubscribing the CPU.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Build yapf's grammar cache once, before any xdist worker starts.
+
+    mmengine imports yapf, which pickles its grammar into ~/.cache/YAPF on first import and
+    renames the file into place before flushing it: on a fresh machine one worker can read
+    the other's empty file and fail collection with ``EOFError: Ran out of input``.
+    """
+    if not hasattr(config, "workerinput") and importlib.util.find_spec("yapf") is not None:
+        import yapf  # noqa: F401
 
 
 @pytest.fixture(autouse=True)
