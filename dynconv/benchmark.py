@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .malloc import reuse_freed_memory
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -70,6 +72,15 @@ class BenchSettings:
     warmup: int = 2
     device: str = "cpu"
     num_classes: int = 1000
+    reuse_freed_memory: bool = True  # CPU: glibc keeps freed memory (dynconv.malloc), as train.py does
+
+
+def _prepare(settings: BenchSettings) -> torch.device:
+    torch.set_flush_denormal(True)  # a random network's tiny activations must not hit slow denormal paths
+    device = torch.device(settings.device)
+    if device.type == "cpu" and settings.reuse_freed_memory:
+        reuse_freed_memory()
+    return device
 
 
 def _inputs(batch: int, settings: BenchSettings, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -119,8 +130,7 @@ def compare_convs(arch: str, convs: Sequence[str], settings: BenchSettings = Ben
     """
     from . import count_macs, count_params, create_model
 
-    torch.set_flush_denormal(True)  # a random network's tiny activations must not hit slow denormal paths
-    device = torch.device(settings.device)
+    device = _prepare(settings)
     names = ["static", *[c for c in convs if c != "static"]]
     models = {}
     for conv in names:
@@ -189,8 +199,7 @@ def measure_training_memory(arch: str, conv: str, settings: BenchSettings, steps
     """
     from . import create_model
 
-    torch.set_flush_denormal(True)
-    device = torch.device(settings.device)
+    device = _prepare(settings)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         start = torch.cuda.memory_allocated(device)

@@ -86,12 +86,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (default: keep freed memory, dynconv.malloc)")
     parser.add_argument("--no-memory", action="store_true", help="skip the per-case memory processes")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for bench_<device>.{json,md}")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = BenchSettings(batch=args.batch, eval_batch=args.eval_batch, image_size=args.image_size,
-                             repeats=args.repeats, warmup=args.warmup, device=args.device)
+                             repeats=args.repeats, warmup=args.warmup, device=args.device,
+                             reuse_freed_memory=not args.system_malloc)
     rows: List[Dict] = []
     for arch, convs in parse_cases(args.cases):
         for row in compare_convs(arch, convs, settings, memory=not args.no_memory):

@@ -163,6 +163,9 @@ class TrainerConfig:
     resume: str = "auto"  # auto | never | a checkpoint path
     init_checkpoint: Optional[str] = None  # weights to start from (dynconv or official layout)
     progress: bool = True
+    # CPU runs: glibc keeps freed memory for reuse instead of unmapping it (dynconv.malloc); the per-sample
+    # kernels of a dynamic layer then cost no page faults, and the process stays at its peak memory
+    reuse_freed_memory: bool = True
 
 
 @dataclass

@@ -10,6 +10,7 @@ import torch
 from ..accounting import count_macs, count_params
 from ..checkpoint import atomic_write, load_checkpoint, load_weights
 from ..data import build_loader
+from ..malloc import reuse_freed_memory
 from ..schedules import set_progress
 from .builders import build_data, build_model, loader_workers
 from .config import validate
@@ -44,6 +45,8 @@ def run_eval(cfg: Any) -> Dict[str, Any]:
     torch.manual_seed(cfg.seed)
     t = cfg.trainer
     device = resolve_device(t.device)
+    if device.type == "cpu" and t.reuse_freed_memory:
+        reuse_freed_memory()
     data = build_data(cfg.data, None, eval_interpolation=cfg.interpolation)
     model = build_model(cfg.model, cfg.conv, data.num_classes)
     loaded = load_for_eval(model, cfg) if cfg.checkpoint else "no checkpoint: a freshly initialised model"

@@ -28,6 +28,7 @@ from .. import __version__, auxiliary_loss, count_macs, count_params, set_progre
 from ..checkpoint import CheckpointError, CheckpointManager, load_checkpoint, load_weights, rng_state, \
     set_rng_state, unwrap_model
 from ..data import build_loader
+from ..malloc import reuse_freed_memory
 from .builders import build_data, build_mixup_and_loss, build_model, loader_workers
 from .config import validate
 from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
@@ -449,6 +450,8 @@ def train(cfg: Any) -> Dict[str, Any]:
     if cfg.task == "detection":
         from .detection import DetectionTrainer as cls  # pycocotools and the detection data, only when needed
     info = init_distributed(cfg.trainer.device)
+    if info.device.type == "cpu" and cfg.trainer.reuse_freed_memory:
+        reuse_freed_memory()
     try:
         return cls(cfg, info).fit()
     finally:

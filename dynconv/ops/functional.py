@@ -192,7 +192,35 @@ def _matmul_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], p
         out = weight.reshape(c_out, -1) @ cols[:, 0].transpose(0, 1).reshape(-1, batch * pixels)
         return out.reshape(c_out, batch, out_h, out_w).transpose(0, 1).contiguous()
     kernels = weight.reshape(*weight.shape[:-4], groups, c_out // groups, -1)  # ([B,] g, C_out / g, K)
-    return torch.matmul(kernels, cols).reshape(batch, c_out, out_h, out_w)
+    if weight.dim() == 5 and torch.is_grad_enabled() and not (torch.compiler.is_compiling()
+                                                               or torch.compiler.is_exporting()):
+        out = _PerSampleMatmul.apply(kernels, cols)
+    else:
+        out = torch.matmul(kernels, cols)
+    return out.reshape(batch, c_out, out_h, out_w)
+
+
+class _PerSampleMatmul(torch.autograd.Function):
+    """``kernels @ cols`` whose input gradient is computed as ``(grad^T @ kernels)^T``, which reads the
+    per-sample kernels in their own row-major layout. Autograd's ``kernels^T @ grad`` took twice as long
+    on ResNet18's 7x7 maps (2 CPU cores, batch 16: 36 ms against 19 ms for one 512-channel 3x3 layer)."""
+
+    @staticmethod
+    def forward(ctx, kernels: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(kernels if ctx.needs_input_grad[1] else None,
+                              cols if ctx.needs_input_grad[0] else None)
+        ctx.dtypes = kernels.dtype, cols.dtype
+        return torch.matmul(kernels, cols)  # under autocast, in its dtype (the gradient's dtype too)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        kernels, cols = ctx.saved_tensors
+        d_kernels = d_cols = None
+        if ctx.needs_input_grad[0]:
+            d_kernels = (grad @ cols.to(grad.dtype).transpose(-1, -2)).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            d_cols = (grad.transpose(-1, -2) @ kernels.to(grad.dtype)).transpose(-1, -2).to(ctx.dtypes[1])
+        return d_kernels, d_cols
 
 
 def _numeric_padding(padding: str, kernel: Sequence[int], stride: Sequence[int],

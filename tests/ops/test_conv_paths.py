@@ -141,3 +141,22 @@ def test_a_forced_path_wins_inside_its_block_only():
     assert choose_path(big, w3, (1, 1), (1, 1), 1) == "grouped"
     with pytest.raises(ValueError, match="fused"), forced_path("fused"):
         pass
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_per_sample_matmul_gradients_equal_autograds(autocast):
+    """The matmul path's own backward ((grad^T @ kernels)^T) against autograd's backward of torch.matmul."""
+    from dynconv.ops.functional import _PerSampleMatmul
+
+    torch.manual_seed(0)
+    kernels, cols = torch.randn(3, 2, 5, 18, requires_grad=True), torch.randn(3, 2, 18, 7, requires_grad=True)
+    grad = torch.randn(3, 2, 5, 7)
+    results = []
+    for matmul in (_PerSampleMatmul.apply, torch.matmul):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = matmul(kernels, cols)
+        results.append((out, *torch.autograd.grad(out, (kernels, cols), grad.to(out.dtype))))
+    tolerance = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=0, atol=0)
+    for ours, reference in zip(*results):
+        assert ours.dtype == reference.dtype
+        torch.testing.assert_close(ours.float(), reference.float(), **tolerance)
