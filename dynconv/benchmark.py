@@ -226,3 +226,29 @@ def training_memory(arch: str, conv: str, settings: BenchSettings) -> int:
     if done.returncode != 0:
         raise RuntimeError(f"memory of {arch}/{conv} failed:\n{done.stderr[-2000:]}")
     return int(done.stdout.strip().splitlines()[-1])
+
+
+def profile_training_step(arch: str, conv: str, settings: BenchSettings = BenchSettings(), steps: int = 2,
+                          rows: int = 15) -> Dict[str, str]:
+    """Where a training step's time goes: ``torch.profiler`` over ``steps`` steps after two warm-up ones.
+
+    Returns two text tables, ``"ops"`` (the ``rows`` ops with the most self time) and ``"shapes"`` (the
+    same, split by input shapes, which tells the layers apart).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from . import create_model
+
+    device = _prepare(settings)
+    torch.manual_seed(0)
+    step = training_step(create_model(arch, conv, num_classes=settings.num_classes).to(device), settings)
+    for _ in range(2):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return {"ops": prof.key_averages().table(sort_by=sort, row_limit=rows),
+            "shapes": prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=rows)}

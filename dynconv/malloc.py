@@ -4,8 +4,9 @@ PyTorch's CPU tensors come from ``malloc``. glibc serves a request of over 32 Mi
 mmap threshold) with fresh ``mmap`` pages and unmaps them on ``free``, so every such tensor costs one page
 fault per 4 KiB the first time it is written, every step. A dynamic layer's per-sample kernels are
 ``B`` times its weights (151 MB for one 512x512 3x3 conv of ResNet18 at batch 16): measured on 2 CPU
-cores, mixing them took 46 ms with fresh pages and 8 ms with reused ones, and a ResNet18 training step
-with DY-Conv 4x went from 2.1x to 1.8x the static network's time (the static step, too, got 5% faster).
+cores, mixing them took 46 ms with fresh pages and 8 ms with reused ones, and ResNet18 training steps
+with DY-Conv 4x, ODConv 4x and KernelWarehouse 1x got 20-26% faster (the static one 1%;
+``results/system_malloc/bench_cpu.md`` against ``results/bench_cpu.md``).
 
 :func:`reuse_freed_memory` sets glibc's ``M_MMAP_MAX`` to 0 (every allocation from the heap, where freed
 memory is reused) and ``M_TRIM_THRESHOLD`` to its maximum (the heap is not shrunk after a free). The

@@ -34,3 +34,17 @@ def test_bench_writes_ratios_to_static_as_json_and_markdown(tmp_path):
     assert f"`{result['command']}`" in table
     assert table.count("\n| resnet18 |") == 3
     assert "(<= 1.5)" in table  # odconv_1x's training target is shown beside its ratio
+
+
+def test_profile_step_writes_each_cases_tables(tmp_path):
+    args = ["--convs", "static", "odconv_4x", "--image-size", "32", "--batch", "2", "--steps", "1",
+            "--threads", "1", "--out", str(tmp_path)]
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_step.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = (tmp_path / "profile_cpu_resnet18.md").read_text()
+    assert "`python scripts/profile_step.py --convs static odconv_4x" in text
+    static, dynamic = text.split("## static")[1].split("## odconv_4x")
+    assert "aten::convolution_backward" in static and "Input Shapes" in static
+    # the dynamic step's per-sample convs: at 32 px every map is small enough for the matmul path
+    assert "aten::bmm" not in static and "aten::bmm" in dynamic

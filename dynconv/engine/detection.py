@@ -27,6 +27,7 @@ from ..data.grouping import aspect_ratio_groups
 from ..data.synthetic_coco import make_synthetic_coco
 from ..detection import create_detector
 from ..detection.coco_eval import coco_metrics, to_coco_results
+from ..malloc import reuse_freed_memory
 from ..schedules import set_progress
 from .builders import loader_workers
 from .config import validate
@@ -230,6 +231,8 @@ def run_eval_detection(cfg: Any) -> Dict[str, Any]:
     torch.manual_seed(cfg.seed)
     t, det = cfg.trainer, cfg.detector
     device = resolve_device(t.device)
+    if device.type == "cpu" and t.reuse_freed_memory:
+        reuse_freed_memory()
     data = build_detection_data(cfg.data, None, with_masks=det.name == "mask_rcnn")
     model = build_detector(cfg, data.num_classes)
     loaded = load_for_eval(model, cfg, detector=det.name) if cfg.checkpoint else model.backbone.body.load_report
