@@ -362,3 +362,33 @@ def test_state_dict_has_official_keys_and_no_aliases():
     assert len(ptrs) == len(set(ptrs))
     fresh = dynconv.create_model("resnet18", "kw_1x", num_classes=10)
     fresh.load_state_dict(state, strict=True)
+
+
+def test_cells_contracted_directly_equal_the_assembled_kernels(monkeypatch):
+    """On the matmul path a KW layer convolves with its cells tap by tap (functional.cell_conv2d); the
+    outputs and every gradient equal those of the assembled kernels on the grouped path."""
+    from dynconv.ops import functional, kernelwarehouse
+
+    calls, original = [], kernelwarehouse.cell_conv2d
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernelwarehouse, "cell_conv2d", spy)
+    torch.manual_seed(0)
+    model = dynconv.create_model("resnet18", "kw_1x", num_classes=5).double().train()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    results, counts = [], []
+    for path in (None, "grouped"):
+        model.zero_grad()
+        with functional.forced_path(path) if path else torch.enable_grad():
+            out = model(x)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        counts.append(len(calls))
+    assert counts[0] >= 12 and counts[1] == counts[0]  # every 3x3 layer on maps of <= 16x16, then none
+    torch.testing.assert_close(results[0][0], results[1][0])
+    assert len(results[0][1]) == len(results[1][1])
+    for ours, assembled in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(ours, assembled)

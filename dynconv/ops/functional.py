@@ -13,7 +13,7 @@ small maps and 1x1 kernels, and the one path that exports with a dynamic batch s
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,12 @@ def choose_path(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], pa
     While exporting (``torch.export`` / ONNX) the answer is ``"matmul"`` for every shape: the other
     paths read the batch size into the graph (``groups * B``, ``B == 1``), which would fix it there.
     """
+    return choose_path_for(x, weight.shape[-2:], stride, padding, groups)
+
+
+def choose_path_for(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Padding,
+                    groups: int) -> str:
+    """:func:`choose_path` from the kernel size alone (for layers that never assemble the kernels)."""
     if torch.compiler.is_exporting():
         return "matmul"
     if _forced_path is not None:
@@ -82,8 +88,7 @@ def choose_path(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], pa
         return "plain"
     if isinstance(padding, str) or (groups > 1 and groups == x.shape[1]):
         return "grouped"  # a depthwise conv of B * C channels is oneDNN's / cuDNN's fast case
-    kh, kw = weight.shape[-2:]
-    if (kh, kw) == (1, 1):
+    if tuple(kernel_size) == (1, 1):
         return "matmul"
     out_pixels = (x.shape[2] // stride[0]) * (x.shape[3] // stride[1])
     return "matmul" if x.device.type == "cpu" and out_pixels <= MATMUL_MAX_PIXELS else "grouped"
@@ -236,8 +241,9 @@ def _numeric_padding(padding: str, kernel: Sequence[int], stride: Sequence[int],
 
 
 def unfold_taps(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int] = (1, 1),
-                padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1)):
-    """``(cols, H', W')`` with ``cols`` the ``(B, C, kh * kw, H' * W')`` input under each kernel tap.
+                padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), taps_first: bool = False):
+    """``(cols, H', W')`` with ``cols`` the ``(B, C, kh * kw, H' * W')`` input under each kernel tap
+    (``(B, kh * kw, C, H' * W')`` with ``taps_first``).
 
     Built from one strided slice per tap, so it traces and exports with a symbolic batch size (unlike
     :func:`conv_patches`' ``as_strided`` view); a 1x1 kernel at stride 1 costs no copy at all.
@@ -248,10 +254,86 @@ def unfold_taps(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[in
     batch, channels, h, w = x.shape
     out_h, out_w = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
     if (kh, kw, sh, sw) == (1, 1, 1, 1):
-        return x.reshape(batch, channels, 1, h * w), out_h, out_w
+        return x.reshape(batch, *((1, channels) if taps_first else (channels, 1)), h * w), out_h, out_w
     taps = [x[:, :, i * dh:i * dh + sh * (out_h - 1) + 1:sh, j * dw:j * dw + sw * (out_w - 1) + 1:sw]
             for i in range(kh) for j in range(kw)]
+    if taps_first:
+        return torch.stack(taps, dim=1).reshape(batch, kh * kw, channels, out_h * out_w), out_h, out_w
     return torch.stack(taps, dim=2).reshape(batch, channels, kh * kw, out_h * out_w), out_h, out_w
+
+
+def cell_conv2d(
+    x: torch.Tensor,
+    cells: torch.Tensor,
+    blocks: Tuple[int, int],
+    kernel_size: Sequence[int],
+    stride: Sequence[int] = (1, 1),
+    padding: Sequence[int] = (0, 0),
+    dilation: Sequence[int] = (1, 1),
+    rebuild: Optional[Callable[[], torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Per-sample convolution with kernels given as KernelWarehouse cells, on the matmul path.
+
+    ``cells[j, b]`` is sample ``b``'s ``(C_out / O, C_in / I)`` block for mixture
+    ``j = (tap * O + o) * I + i`` of ``blocks = (O, I)``: output block ``o``, input block ``i`` at one
+    kernel tap. Contracting each cell with its tap's unfolded input (accumulating matmuls) never
+    assembles the ``(B, C_out, C_in, kh, kw)`` kernels, whose permute from the tap-major cells was a
+    copy of ``B`` times the layer's weights forward and backward. No groups; numeric padding.
+    ``rebuild`` recomputes ``cells`` in the backward instead of keeping them (see
+    :func:`per_sample_conv2d`).
+    """
+    batch = x.shape[0]
+    recipes = KernelRecipes(wanted=rebuild is not None)
+    if rebuild is not None:
+        recipes.add(cells, rebuild)
+    with rebuilt_in_backward(recipes, x.device):
+        cols, out_h, out_w = unfold_taps(x, kernel_size, stride, padding, dilation, taps_first=True)
+        out = _CellMatmul.apply(cells, cols, blocks)  # (O, B, C_out / O, pixels)
+    return out.transpose(0, 1).reshape(batch, -1, out_h, out_w)
+
+
+class _CellMatmul(torch.autograd.Function):
+    """``out[o, b] = sum over taps s and input blocks i of cells[(s * O + o) * I + i, b] @ cols[b, s, i]``,
+    and its gradients in the cells' and the columns' own layouts (see :class:`_PerSampleMatmul`)."""
+
+    @staticmethod
+    def forward(ctx, cells: torch.Tensor, cols: torch.Tensor, blocks: Tuple[int, int]) -> torch.Tensor:
+        ctx.save_for_backward(cells if ctx.needs_input_grad[1] else None,
+                              cols if ctx.needs_input_grad[0] else None)
+        ctx.blocks, ctx.cells_shape, ctx.taps = blocks, cells.shape, cols.shape[1]
+        (n_out, n_in), (cell_out, cell_in) = blocks, cells.shape[2:]
+        out = cols.new_zeros(n_out, cols.shape[0], cell_out, cols.shape[-1])
+        for j, s, o, i in _cell_indices(ctx.taps, n_out, n_in):
+            out[o].baddbmm_(cells[j], cols[:, s, i * cell_in:(i + 1) * cell_in])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cells, cols = ctx.saved_tensors
+        (n_out, n_in), taps, cell_in = ctx.blocks, ctx.taps, ctx.cells_shape[-1]
+        grad = grad.contiguous()  # (O, B, C_out / O, pixels)
+        d_cells = d_cols = None
+        if ctx.needs_input_grad[0]:
+            d_cells = grad.new_empty(ctx.cells_shape)
+            for j, s, o, i in _cell_indices(taps, n_out, n_in):
+                torch.bmm(grad[o], cols[:, s, i * cell_in:(i + 1) * cell_in].transpose(1, 2), out=d_cells[j])
+        if ctx.needs_input_grad[1]:
+            batch, pixels = grad.shape[1], grad.shape[-1]
+            # (taps, B, pixels, C_in), returned as a (B, taps, C_in, pixels) view: each product below is
+            # (grad^T @ cell), which reads the cell in its own row-major layout
+            d_cols = grad.new_zeros(taps, batch, pixels, cell_in * n_in)
+            for j, s, o, i in _cell_indices(taps, n_out, n_in):
+                d_cols[s, :, :, i * cell_in:(i + 1) * cell_in].baddbmm_(grad[o].transpose(1, 2), cells[j])
+            d_cols = d_cols.permute(1, 0, 3, 2)
+        return d_cells, d_cols, None
+
+
+def _cell_indices(taps: int, n_out: int, n_in: int) -> Iterator[Tuple[int, int, int, int]]:
+    for s in range(taps):
+        for o in range(n_out):
+            for i in range(n_in):
+                yield (s * n_out + o) * n_in + i, s, o, i
+
 
 
 def conv_patches(

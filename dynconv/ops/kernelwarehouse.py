@@ -40,7 +40,7 @@ from ..schedules import warehouse_mixing
 from ._base import DynamicConv2dBase, IntOrPair, Padding
 from ._norm import SafeBatchNorm1d
 from ._routing import TemperatureScheduled, global_pool
-from .functional import mix_kernels, per_sample_conv2d
+from .functional import cell_conv2d, choose_path_for, mix_kernels, per_sample_conv2d
 
 __all__ = [
     "KW_OPTIONS",
@@ -492,8 +492,29 @@ class KWConv2d(DynamicConv2dBase):
                 "(dynconv.convert does this)"
             )
         attention = self.attention(x)
+        if self._contracts_cells(x):
+            out = cell_conv2d(x, self.mixture_cells(attention), (self.blocks_out, self.blocks_in), self.kernel_size,
+                              self.stride, self.padding, self.dilation, rebuild=lambda: self.mixture_cells(attention))
+            return out + self.bias.reshape(1, -1, 1, 1) if self.bias is not None else out
         weight = self.kernel(attention)
         return per_sample_conv2d(x, weight, self.bias, **self._conv_kwargs(), rebuild=lambda: self.kernel(attention))
+
+    def mixture_cells(self, attention: torch.Tensor) -> torch.Tensor:
+        """The per-sample cells ``(m, B, cell_out, cell_in)``, mixture-major, for
+        :func:`~dynconv.ops.functional.cell_conv2d` (the layout :meth:`kernel` assembles)."""
+        bank = self.warehouse_manager_ref.take_cell(self.warehouse_id)
+        batch = attention.shape[0] // self.num_mixtures
+        rows = attention.reshape(batch, self.num_mixtures, -1).transpose(0, 1).reshape(-1, attention.shape[1])
+        return mix_kernels(rows, bank).reshape(self.num_mixtures, batch, bank.shape[1], bank.shape[2])
+
+    def _contracts_cells(self, x: torch.Tensor) -> bool:
+        """Whether this call convolves with the cells directly (:func:`cell_conv2d`): on the matmul path
+        with several taps, in plain fp32 eager mode (no autocast, compile or export), without groups."""
+        if (self.groups != 1 or self.blocks_spatial == 1 or isinstance(self.padding, str)
+                or torch.is_autocast_enabled(x.device.type)
+                or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            return False
+        return choose_path_for(x, self.kernel_size, self.stride, self.padding, self.groups) == "matmul"
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", warehouse={self.warehouse_id}"

@@ -160,3 +160,29 @@ def test_per_sample_matmul_gradients_equal_autograds(autocast):
     for ours, reference in zip(*results):
         assert ours.dtype == reference.dtype
         torch.testing.assert_close(ours.float(), reference.float(), **tolerance)
+
+
+@pytest.mark.parametrize("blocks", [(1, 1), (2, 1), (2, 3)])
+@pytest.mark.parametrize("case", ["3x3", "3x3 stride 2", "5x3 dilated"])
+@pytest.mark.parametrize("rebuilt", [False, True])
+def test_cell_conv_equals_the_reference_with_assembled_kernels(blocks, case, rebuilt):
+    """KernelWarehouse's cells contracted tap by tap (cell_conv2d) against the loop of ordinary convs with
+    the kernels assembled from the cells: output block o, input block i at tap s is mixture (s*O+o)*I+i."""
+    from dynconv.ops.functional import cell_conv2d
+
+    c_in, c_out, size, kernel, stride, padding, dilation, _ = CASES[case]
+    (n_out, n_in), taps = blocks, kernel[0] * kernel[1]
+    c_in, c_out = 2 * n_in, 3 * n_out  # cells of 3 x 2
+    torch.manual_seed(0)
+    x = torch.randn(3, c_in, *size, dtype=torch.float64, requires_grad=True)
+    source = torch.randn(taps * n_out * n_in, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    cells = source * 1.0  # a non-leaf, as the mixed cells are
+    out = cell_conv2d(x, cells, blocks, kernel, stride, padding, dilation,
+                      rebuild=(lambda: source * 1.0) if rebuilt else None)
+    kernels = (source.reshape(*kernel, n_out, n_in, 3, 3, 2)  # (kh, kw, O, I, B, cell_out, cell_in)
+               .permute(4, 2, 5, 3, 6, 0, 1).reshape(3, c_out, c_in, *kernel))
+    expected = reference(x, kernels, None, stride, padding, dilation, 1, None)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, (x, source), grad),
+                               torch.autograd.grad(expected, (x, source), grad))
