@@ -5,7 +5,7 @@ mmap threshold) with fresh ``mmap`` pages and unmaps them on ``free``, so every 
 fault per 4 KiB the first time it is written, every step. A dynamic layer's per-sample kernels are
 ``B`` times its weights (151 MB for one 512x512 3x3 conv of ResNet18 at batch 16): measured on 2 CPU
 cores, mixing them took 46 ms with fresh pages and 8 ms with reused ones, and ResNet18 training steps
-with DY-Conv 4x, ODConv 4x and KernelWarehouse 1x got 20-26% faster (the static one 1%;
+with DY-Conv 4x, ODConv 4x and KernelWarehouse 1x got 23-25% faster (the static one 2%;
 ``results/system_malloc/bench_cpu.md`` against ``results/bench_cpu.md``).
 
 :func:`reuse_freed_memory` sets glibc's ``M_MMAP_MAX`` to 0 (every allocation from the heap, where freed

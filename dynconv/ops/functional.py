@@ -8,7 +8,8 @@ The per-sample convolution has three paths (:func:`choose_path`): one ordinary c
 single sample; the batch folded into the channel axis as one convolution with ``groups * B``
 groups, the trick of CondConv in timm (pytorch/pytorch#17983) and of the official ODConv /
 KernelWarehouse code, fast on large maps; and one batched matmul over the unfolded input, fast on
-small maps and 1x1 kernels, and the one path that exports with a dynamic batch size.
+small maps and 1x1 kernels, and the one path that exports with a dynamic batch size. On that path
+KernelWarehouse skips assembling its kernels from cells (:func:`cell_conv2d`).
 """
 from __future__ import annotations
 
