@@ -78,8 +78,8 @@ class BenchSettings:
 def _prepare(settings: BenchSettings) -> torch.device:
     torch.set_flush_denormal(True)  # a random network's tiny activations must not hit slow denormal paths
     device = torch.device(settings.device)
-    if device.type == "cpu" and settings.reuse_freed_memory:
-        reuse_freed_memory()
+    if settings.reuse_freed_memory:
+        reuse_freed_memory(device)
     return device
 
 

@@ -18,6 +18,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import platform
+from typing import Union
+
+import torch
 
 # mallopt(3) parameter numbers in glibc's malloc.h
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
@@ -26,14 +29,16 @@ _INT_MAX = 2**31 - 1
 _applied = False
 
 
-def reuse_freed_memory() -> bool:
+def reuse_freed_memory(device: Union[torch.device, str] = "cpu") -> bool:
     """Make glibc's malloc keep and reuse freed memory for the rest of the process (see the module
-    docstring). Returns whether it is in effect: ``False`` where the C library is not glibc (macOS,
-    musl, Windows); with a preloaded jemalloc / tcmalloc the call is harmless and has no effect."""
+    docstring), for a run on ``device``: nothing is changed for an accelerator, whose tensors do not
+    come from ``malloc``. Returns whether it is in effect: ``False`` also where the C library is not
+    glibc (macOS, musl, Windows); with a preloaded jemalloc / tcmalloc the call has no effect."""
     global _applied
     if _applied:
         return True
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if (torch.device(device).type != "cpu" or platform.system() != "Linux"
+            or platform.libc_ver()[0] != "glibc"):
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     # trim first: with M_MMAP_MAX 0 and the default threshold, a large free would still shrink the heap

@@ -231,8 +231,8 @@ def run_eval_detection(cfg: Any) -> Dict[str, Any]:
     torch.manual_seed(cfg.seed)
     t, det = cfg.trainer, cfg.detector
     device = resolve_device(t.device)
-    if device.type == "cpu" and t.reuse_freed_memory:
-        reuse_freed_memory()
+    if t.reuse_freed_memory:
+        reuse_freed_memory(device)
     data = build_detection_data(cfg.data, None, with_masks=det.name == "mask_rcnn")
     model = build_detector(cfg, data.num_classes)
     loaded = load_for_eval(model, cfg, detector=det.name) if cfg.checkpoint else model.backbone.body.load_report

@@ -45,8 +45,8 @@ def run_eval(cfg: Any) -> Dict[str, Any]:
     torch.manual_seed(cfg.seed)
     t = cfg.trainer
     device = resolve_device(t.device)
-    if device.type == "cpu" and t.reuse_freed_memory:
-        reuse_freed_memory()
+    if t.reuse_freed_memory:
+        reuse_freed_memory(device)
     data = build_data(cfg.data, None, eval_interpolation=cfg.interpolation)
     model = build_model(cfg.model, cfg.conv, data.num_classes)
     loaded = load_for_eval(model, cfg) if cfg.checkpoint else "no checkpoint: a freshly initialised model"

@@ -450,8 +450,8 @@ def train(cfg: Any) -> Dict[str, Any]:
     if cfg.task == "detection":
         from .detection import DetectionTrainer as cls  # pycocotools and the detection data, only when needed
     info = init_distributed(cfg.trainer.device)
-    if info.device.type == "cpu" and cfg.trainer.reuse_freed_memory:
-        reuse_freed_memory()
+    if cfg.trainer.reuse_freed_memory:
+        reuse_freed_memory(info.device)
     try:
         return cls(cfg, info).fit()
     finally:

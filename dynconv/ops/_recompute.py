@@ -15,6 +15,12 @@ import torch
 Recipe = Callable[[], torch.Tensor]
 
 
+def tracing() -> bool:
+    """Whether a compiler or exporter is tracing this call: eager-only machinery (storage-keyed recipes,
+    custom autograd Functions with in-place loops) steps aside, and the compiler plans its own."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 class KernelRecipes:
     """Recipes by tensor storage. Holds no tensor: autograd keeps the saved-tensor hooks (and what they
     reach) as long as the graph, so a strong reference here would keep every kernel alive anyway."""
@@ -23,8 +29,7 @@ class KernelRecipes:
         # off when the caller has nothing to rebuild (no hooks on its ops at all), without autograd, and
         # while compiling or exporting: traced tensors have no storage, and a compiler plans its own
         # recomputation
-        self.enabled = wanted and torch.is_grad_enabled() and not (torch.compiler.is_compiling()
-                                                                   or torch.compiler.is_exporting())
+        self.enabled = wanted and torch.is_grad_enabled() and not tracing()
         self._by_storage: Dict[int, Recipe] = {}
 
     def add(self, tensor: torch.Tensor, recipe: Recipe) -> None:

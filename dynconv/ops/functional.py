@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from ._recompute import KernelRecipes, rebuilt_in_backward
+from ._recompute import KernelRecipes, rebuilt_in_backward, tracing
 
 Padding = Union[str, Sequence[int]]
 
@@ -198,8 +198,7 @@ def _matmul_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], p
         out = weight.reshape(c_out, -1) @ cols[:, 0].transpose(0, 1).reshape(-1, batch * pixels)
         return out.reshape(c_out, batch, out_h, out_w).transpose(0, 1).contiguous()
     kernels = weight.reshape(*weight.shape[:-4], groups, c_out // groups, -1)  # ([B,] g, C_out / g, K)
-    if weight.dim() == 5 and torch.is_grad_enabled() and not (torch.compiler.is_compiling()
-                                                               or torch.compiler.is_exporting()):
+    if weight.dim() == 5 and torch.is_grad_enabled() and not tracing():
         out = _PerSampleMatmul.apply(kernels, cols)
     else:
         out = torch.matmul(kernels, cols)

@@ -39,6 +39,7 @@ from ..backbones import CONVNEXT, GENERIC, MOBILENETV2, RESNET, ConvSite, get_su
 from ..schedules import warehouse_mixing
 from ._base import DynamicConv2dBase, IntOrPair, Padding
 from ._norm import SafeBatchNorm1d
+from ._recompute import tracing
 from ._routing import TemperatureScheduled, global_pool
 from .functional import cell_conv2d, choose_path_for, mix_kernels, per_sample_conv2d
 
@@ -511,8 +512,7 @@ class KWConv2d(DynamicConv2dBase):
         """Whether this call convolves with the cells directly (:func:`cell_conv2d`): on the matmul path
         with several taps, in plain fp32 eager mode (no autocast, compile or export), without groups."""
         if (self.groups != 1 or self.blocks_spatial == 1 or isinstance(self.padding, str)
-                or torch.is_autocast_enabled(x.device.type)
-                or torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+                or torch.is_autocast_enabled(x.device.type) or tracing()):
             return False
         return choose_path_for(x, self.kernel_size, self.stride, self.padding, self.groups) == "matmul"
 
