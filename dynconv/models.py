@@ -30,6 +30,9 @@ _ARCH_DEFAULTS: Dict[Tuple[str, str], Dict[str, Any]] = {
 }
 
 
+DROP_PATH_MODES: Tuple[str, ...] = ("linear", "uniform")
+
+
 def list_archs() -> List[str]:
     """Backbones :func:`create_model` builds (timm definitions)."""
     return list(ARCHS)
@@ -77,6 +80,27 @@ def family_option_names(family: str) -> set:
     return set(inspect.signature(layer.__init__).parameters) - conv_args | extras
 
 
+def set_uniform_drop_path(model: nn.Module, rate: float) -> int:
+    """Give every residual block of a timm backbone ``DropPath(rate)``; returns how many blocks.
+
+    timm ramps stochastic depth linearly over the blocks (block i of N drops with ``rate * i / (N - 1)``),
+    as the ConvNeXt code does (``models/kw_convnext.py``, ``torch.linspace(0, drop_path_rate, ...)``). The
+    KernelWarehouse ResNets (OSVAI/KernelWarehouse ``models/kw_resnet.py`` and the baseline
+    ``models/resnet.py``: every block gets ``DropPath(drop_path_rate)``; likewise the detection backbone
+    ``detection/mmdet/models/backbones/kw_resnet.py``) drop every block's branch at the full rate.
+    timm blocks hold their drop path as ``block.drop_path`` (``None`` or ``nn.Identity`` at rate 0).
+    """
+    from timm.layers import DropPath
+
+    blocks = 0
+    for module in model.modules():
+        current = getattr(module, "drop_path", False)
+        if current is None or isinstance(current, (DropPath, nn.Identity)):
+            module.drop_path = DropPath(rate) if rate > 0 else current
+            blocks += 1
+    return blocks
+
+
 def create_model(arch: str, conv: str = "static", num_classes: int = 1000, **overrides: Any) -> nn.Module:
     """Build ``arch`` from timm and apply ``conv`` with the official per-backbone rules.
 
@@ -85,11 +109,16 @@ def create_model(arch: str, conv: str = "static", num_classes: int = 1000, **ove
         conv: one of :func:`dynconv.list_convs`.
         num_classes: classifier width.
         **overrides: family options (``kernel_num``, ``reduction``, ``temperature_epochs``,
-            ``cell_num_ratio``, ...) override the variant; anything else goes to ``timm.create_model``
-            (``drop_rate``, ``drop_path_rate``, ``in_chans``, ...).
+            ``cell_num_ratio``, ...) override the variant; ``drop_path_mode`` (``"linear"``, timm's ramp
+            over the blocks, or ``"uniform"``, every block at ``drop_path_rate``: see
+            :func:`set_uniform_drop_path`); anything else goes to ``timm.create_model`` (``drop_rate``,
+            ``drop_path_rate``, ``in_chans``, ...).
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
+    drop_path_mode = overrides.pop("drop_path_mode", "linear")
+    if drop_path_mode not in DROP_PATH_MODES:
+        raise ValueError(f"drop_path_mode={drop_path_mode!r}; choose one of: {', '.join(DROP_PATH_MODES)}")
     variant = get_variant(conv)
     conv_names = family_option_names(variant.family)
     conv_options = {k: v for k, v in overrides.items() if k in conv_names}
@@ -104,6 +133,8 @@ def create_model(arch: str, conv: str = "static", num_classes: int = 1000, **ove
         # pointwise layers can be dynamic and residual attention sees NCHW maps.
         timm_kwargs.setdefault("conv_mlp", True)
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **timm_kwargs)
+    if drop_path_mode == "uniform":
+        set_uniform_drop_path(model, timm_kwargs.get("drop_path_rate", 0.0))
     if variant.family != "static":
         convert(model, conv, **{**_arch_defaults(variant, arch), **conv_options})
     return model

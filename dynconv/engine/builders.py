@@ -44,6 +44,7 @@ def build_model(model_cfg: Any, conv_cfg: Any, num_classes: int) -> nn.Module:
         options["drop_rate"] = model_cfg.drop_rate
     if model_cfg.drop_path_rate:
         options["drop_path_rate"] = model_cfg.drop_path_rate
+        options["drop_path_mode"] = model_cfg.drop_path_mode
     try:
         return create_model(model_cfg.name, conv_cfg.name, num_classes=num_classes, **options)
     except TypeError as err:  # an option neither the conv family nor timm takes

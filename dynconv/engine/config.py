@@ -27,6 +27,8 @@ class ModelConfig:
     name: str = "resnet18"
     drop_rate: float = 0.0  # dropout before the classifier
     drop_path_rate: float = 0.0
+    # linear: timm's ramp over the blocks (ConvNeXt's rule); uniform: every block at the rate (KW ResNets)
+    drop_path_mode: str = "linear"
     kwargs: Dict[str, Any] = field(default_factory=dict)  # anything else timm.create_model takes
 
 
@@ -44,6 +46,10 @@ class OptimizerConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     decay_1d: bool = True  # weight decay on biases and norm parameters too (the classic recipe does)
+    # Parameter-name substrings: no weight decay for names containing one (mmcv's paramwise custom_keys with
+    # decay_mult 0), or weight decay even for 1-D parameters (a parameter the official model keeps 4-D)
+    no_decay_keys: List[str] = field(default_factory=list)
+    decay_keys: List[str] = field(default_factory=list)
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
 
@@ -257,6 +263,7 @@ def _choice(key: str, value: Any, valid: tuple) -> None:
 def validate(cfg: Any) -> None:
     """Checks across keys that the schema cannot express; raises ValueError naming the key."""
     from .. import list_archs, list_convs
+    from ..models import DROP_PATH_MODES
 
     _choice("task", cfg.task, TASKS)
     _choice("model.name", cfg.model.name, tuple(list_archs()))
@@ -271,6 +278,7 @@ def validate(cfg: Any) -> None:
     _choice("data.on_corrupt", cfg.data.on_corrupt, ON_CORRUPT)
     _choice("trainer.amp", cfg.trainer.amp, AMP_MODES)
     _choice("trainer.nan_policy", cfg.trainer.nan_policy, NAN_POLICIES)
+    _choice("model.drop_path_mode", cfg.model.drop_path_mode, DROP_PATH_MODES)
     if hasattr(cfg, "recipe"):
         _choice("recipe.scheduler.name", cfg.recipe.scheduler.name, SCHEDULERS)
         if cfg.recipe.batch_size < 1 or cfg.recipe.epochs < 1 or cfg.recipe.schedule_speed <= 0:

@@ -1,12 +1,12 @@
 """Optimizer and learning-rate schedule of a recipe, built with timm's factories.
 
-The recipes (``reference/algorithms.md`` §10) fix the learning rate at a reference global batch; a run
-with another global batch scales it linearly, as the ConvNeXt / KernelWarehouse code does
-(``lr * total_batch / 256``) and as the classic recipe implies (0.1 at 256).
+The recipes fix the learning rate at a reference global batch (ODConv README: 0.1 at 256; KernelWarehouse
+``main.py``: 4e-3 "with total batch size 4096", no scaling code). A run with another global batch scales it
+linearly (the linear scaling rule, Goyal et al. 2017); at the reference batch nothing changes.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Dict, List, Sequence
 
 import torch
 from timm.optim import create_optimizer_v2
@@ -20,12 +20,44 @@ def scaled_lr(optimizer_cfg: Any, global_batch: int) -> float:
     return optimizer_cfg.lr * global_batch / optimizer_cfg.lr_batch
 
 
+def weight_decay_groups(model: nn.Module, weight_decay: float, decay_1d: bool,
+                        no_decay_keys: Sequence[str] = (), decay_keys: Sequence[str] = ()) -> List[Dict[str, Any]]:
+    """Two parameter groups, with and without weight decay, chosen by shape and by name.
+
+    ``decay_1d=False`` leaves biases and 1-D parameters undecayed (timm's and the KernelWarehouse
+    ``optim_factory.py`` rule). A name containing one of ``no_decay_keys`` is never decayed: mmcv's
+    ``paramwise_cfg=dict(custom_keys={key: dict(decay_mult=0.)})`` matches keys as substrings of the
+    parameter name (mmcv ``DefaultOptimizerConstructor.add_params``), so the KernelWarehouse COCO configs'
+    ``'norm'`` key spares the KW attention's ``norm1`` but no ResNet / MobileNetV2 BatchNorm (``bn1``...).
+    A name containing one of ``decay_keys`` is always decayed, for parameters the official model keeps with
+    more dimensions than timm's (KW ConvNeXt's layer scale is ``[1, C, 1, 1]``: ``models/kw_convnext.py``).
+    """
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decayed = decay_1d or (param.ndim > 1 and not name.endswith(".bias"))
+        if any(key in name for key in no_decay_keys):
+            decayed = False
+        elif any(key in name for key in decay_keys):
+            decayed = True
+        (decay if decayed else no_decay).append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
 def build_optimizer(model: nn.Module, optimizer_cfg: Any, global_batch: int) -> torch.optim.Optimizer:
-    """A timm optimizer; ``decay_1d=False`` leaves biases and 1-D (norm) parameters without weight decay."""
+    """A timm optimizer with the recipe's weight-decay exclusions (:func:`weight_decay_groups`)."""
     kwargs = {}
     name = optimizer_cfg.name.lower()
     if "adam" in name or "lamb" in name:
         kwargs.update(betas=tuple(optimizer_cfg.betas), eps=optimizer_cfg.eps)
+    no_decay_keys = list(getattr(optimizer_cfg, "no_decay_keys", ()) or ())
+    decay_keys = list(getattr(optimizer_cfg, "decay_keys", ()) or ())
+    if no_decay_keys or decay_keys:
+        groups = weight_decay_groups(model, optimizer_cfg.weight_decay, optimizer_cfg.decay_1d,
+                                     no_decay_keys, decay_keys)
+        return create_optimizer_v2(groups, opt=name, lr=scaled_lr(optimizer_cfg, global_batch),
+                                   weight_decay=optimizer_cfg.weight_decay, momentum=optimizer_cfg.momentum, **kwargs)
     return create_optimizer_v2(
         model,
         opt=name,
