@@ -29,6 +29,7 @@ class ConvSite:
         stage: stage index (see module docstring); generic: number of strided convs before it.
         block: block index inside the stage.
         position: index of the layer inside its block, in forward order.
+        block_kind: ResNet ``basic`` or ``bottleneck`` (rules that differ between the two depths).
     """
 
     name: str
@@ -36,6 +37,7 @@ class ConvSite:
     stage: int = 0
     block: int = 0
     position: int = 0
+    block_kind: str = ""
 
 
 def get_submodule(model: nn.Module, name: str) -> nn.Module:
@@ -83,9 +85,10 @@ def _resnet_sites(model: nn.Module) -> Iterator[ConvSite]:
     for s in range(4):
         for b, block in enumerate(getattr(model, f"layer{s + 1}")):
             prefix = f"layer{s + 1}.{b}"
+            kind = "bottleneck" if isinstance(getattr(block, "conv3", None), nn.Conv2d) else "basic"
             for p, conv in enumerate(("conv1", "conv2", "conv3")):
                 if isinstance(getattr(block, conv, None), nn.Conv2d):
-                    yield ConvSite(f"{prefix}.{conv}", "block", s, b, p)
+                    yield ConvSite(f"{prefix}.{conv}", "block", s, b, p, kind)
             if getattr(block, "downsample", None) is not None:
                 inner = _first_conv(block.downsample)
                 if inner is not None:

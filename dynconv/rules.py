@@ -6,10 +6,17 @@
   and both pointwise convs), stem and downsample static.
 - DY-Conv (paper: "all convolutional layers except the first"; consistent with the 45.47M of
   DY-Conv (4x) ResNet18): every conv but the stem, downsample included.
-- CondConv: the paper gives no ResNet rule. The 81.35M of "CondConv (8x)" ResNet18 in the ODConv
-  table is not met by any whole-stage rule (every conv but the stem: 89.8M, every block conv:
-  88.6M, the last two stages: 83.9M). Every block conv except the stage-4 entry conv
-  ``layer4.0.conv1`` gives 80.4M (-1.2%); that is the rule used here, chosen to match the table.
+- CondConv: the paper (Yang et al., NeurIPS 2019) gives no ResNet rule; it places CondConv layers in the
+  later layers of a network, where they help most (its Sections 4-5). The two tables that list CondConv
+  (8x) on a ResNet fix the rule by their parameter counts, and no single rule meets both:
+  * ResNet18, 81.35M (ODConv paper ImageNet table; KernelWarehouse paper): no whole-stage rule meets it
+    (every conv but the stem 89.8M, every block conv 88.6M, the last two stages 83.9M, the last stage
+    69.5M). Every block conv except the stage-4 entry conv ``layer4.0.conv1`` gives 80.36M (-1.2%): the
+    rule for BasicBlock ResNets (18/34), the closest found.
+  * ResNet50, +90.0M over the static Faster R-CNN (ODConv paper COCO table, as the FDConv README
+    reprints it): the block convs of the last stage (``layer4``) with 8 experts give +89.98M, exact to
+    the table's rounding; the ResNet18 rule would give +141.2M. That is the rule for Bottleneck ResNets
+    (50/101), in line with the CondConv paper's placement in the final layers.
   Elsewhere CondConv follows DY-Conv's rule.
 - DCD (liyunsheng13/dcd): ResNet block convs (BasicBlock convs with the 2x2-pool attention,
   Bottleneck convs with the 1x1 one), stem and downsample static; MobileNetV2 the expansion and
@@ -38,6 +45,8 @@ def roles(*names: str) -> SiteRule:
 
 
 def _condconv_resnet(site: ConvSite) -> bool:
+    if site.block_kind == "bottleneck":
+        return site.role == "block" and site.stage == 3
     return site.role == "block" and not (site.stage == 3 and site.block == 0 and site.position == 0)
 
 

@@ -55,6 +55,19 @@ def test_condconv_resnet_rule_as_documented():
     assert type(model.layer2[0].downsample[0]) is nn.Conv2d
 
 
+@pytest.mark.parametrize("arch", ["resnet50", "resnet101"])
+def test_condconv_bottleneck_resnets_add_the_odconv_coco_tables_90m(arch):
+    """ODConv paper, COCO Faster R-CNN table (reprinted in Linwei-Chen/FDConv README): CondConv (8x) on ResNet50
+    adds +90.0M over the static detector, i.e. over the static backbone: the block convs of layer4 only."""
+    with torch.device("meta"):
+        model = dynconv.create_model(arch, "condconv_8x")
+        static = dynconv.create_model(arch)
+    extra = (dynconv.count_params(model) - dynconv.count_params(static)) / 1e6
+    assert round(extra, 1) == 90.0
+    dynamic = set(conv_names(model, CondConv2d))
+    assert dynamic == {f"layer4.{b}.conv{i}" for b in range(3) for i in (1, 2, 3)}
+
+
 def test_convert_torchvision_resnet_matches_timm_resnet():
     tv = torchvision.models.resnet18(num_classes=1000)
     report = dynconv.convert(tv, "odconv_4x")
