@@ -217,14 +217,17 @@ class EvalConfig:
     seed: int = 0
     output: Optional[str] = None  # JSON file for the results
     batch_size: Optional[int] = None  # default: 100 for classification, 1 for detection (as mmdet tests)
-    interpolation: str = "bilinear"
+    # None: as the checkpoint's run validated (its stored config), else as ``recipe`` (official files)
+    interpolation: Optional[str] = None
+    crop_pct: Optional[float] = None
     bench_batches: int = 5  # timed eval batches for images/s (0: skip)
     model: ModelConfig = field(default_factory=ModelConfig)
     conv: ConvConfig = field(default_factory=ConvConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)  # task=detection only
-    recipe: RecipeConfig = field(default_factory=RecipeConfig)  # unused; the task group sets it for train.py
+    # the eval transform of official files (which store no config): recipe=convnext_300ep is bicubic
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
 
 
 def apply_row(cfg: Any, protected: Iterable[str] = ()) -> Dict[str, Any]:

@@ -1,9 +1,10 @@
 """``eval.py``'s job: score a dynconv or official checkpoint on a validation set, report timm-style results."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -18,10 +19,10 @@ from .distributed import resolve_device
 from .evaluate import evaluate, images_per_second, to_channels_last
 
 
-def load_for_eval(model: torch.nn.Module, cfg: Any, **expect: str) -> str:
-    """Load ``cfg.checkpoint`` (checked against arch, conv and ``expect``); a dynconv run's layer
-    schedules are set where that run left them. Returns what was loaded."""
-    state = load_checkpoint(cfg.checkpoint)
+def load_for_eval(model: torch.nn.Module, cfg: Any, state: Optional[Mapping[str, Any]] = None, **expect: str) -> str:
+    """Load ``cfg.checkpoint`` (or its already read ``state``), checked against arch, conv and ``expect``;
+    a dynconv run's layer schedules are set where that run left them. Returns what was loaded."""
+    state = load_checkpoint(cfg.checkpoint) if state is None else state
     loaded = load_weights(model, state, expect={"arch": cfg.model.name, "conv": cfg.conv.name, **expect},
                           use_ema=cfg.use_ema)
     meta = state.get("meta") if isinstance(state.get("meta"), dict) else {}
@@ -29,6 +30,32 @@ def load_for_eval(model: torch.nn.Module, cfg: Any, **expect: str) -> str:
     if progress is not None:  # mid-schedule temperatures, not the end values a fresh model holds
         set_progress(model, progress)
     return loaded.replace("<in-memory checkpoint>", str(cfg.checkpoint))
+
+
+def eval_transform(cfg: Any, state: Optional[Mapping[str, Any]]) -> Tuple[str, float, str]:
+    """Resize interpolation and crop fraction to evaluate with, and where they came from.
+
+    A checkpoint is scored the way its run was validated: ``interpolation=`` / ``crop_pct=`` on the command
+    line win; else a dynconv checkpoint's stored config (``recipe.aug.eval_interpolation``,
+    ``data.crop_pct``); else, for official files, which carry no config, the recipe named for evaluation
+    (``recipe=convnext_300ep`` gives the bicubic resize the KernelWarehouse 300-epoch models were validated
+    with: its ``datasets.py``) and ``data.crop_pct``.
+    """
+    stored = state.get("config") if isinstance(state, Mapping) else None
+    stored = stored if isinstance(stored, Mapping) else {}
+    trained_aug = (stored.get("recipe") or {}).get("aug") or {}
+    trained_crop = (stored.get("data") or {}).get("crop_pct")
+    if cfg.interpolation is not None:
+        interpolation, source = cfg.interpolation, "interpolation="
+    elif trained_aug.get("eval_interpolation"):
+        interpolation, source = trained_aug["eval_interpolation"], f"the checkpoint's recipe ({stored['recipe'].get('name')})"
+    else:
+        interpolation, source = cfg.recipe.aug.eval_interpolation, f"recipe={cfg.recipe.name}"
+    if cfg.crop_pct is not None:
+        crop_pct = cfg.crop_pct
+    else:
+        crop_pct = trained_crop if trained_crop is not None else cfg.data.crop_pct
+    return interpolation, crop_pct, source
 
 
 def run_eval(cfg: Any) -> Dict[str, Any]:
@@ -47,9 +74,11 @@ def run_eval(cfg: Any) -> Dict[str, Any]:
     device = resolve_device(t.device)
     if t.reuse_freed_memory:
         reuse_freed_memory(device)
-    data = build_data(cfg.data, None, eval_interpolation=cfg.interpolation)
+    state = load_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
+    interpolation, crop_pct, transform_source = eval_transform(cfg, state)
+    data = build_data(dataclasses.replace(cfg.data, crop_pct=crop_pct), None, eval_interpolation=interpolation)
     model = build_model(cfg.model, cfg.conv, data.num_classes)
-    loaded = load_for_eval(model, cfg) if cfg.checkpoint else "no checkpoint: a freshly initialised model"
+    loaded = load_for_eval(model, cfg, state) if state is not None else "no checkpoint: a freshly initialised model"
     size = cfg.data.image_size
     params, macs = count_params(model), count_macs(model, (1, 3, size, size))
     model.to(device)
@@ -66,7 +95,7 @@ def run_eval(cfg: Any) -> Dict[str, Any]:
         "top5": round(metrics["top5"], 3), "top5_err": round(100 - metrics["top5"], 3),
         "loss": metrics["loss"], "num_images": metrics["count"],
         "param_count": round(params / 1e6, 3), "macs_g": round(macs / 1e9, 4),
-        "img_size": size, "crop_pct": cfg.data.crop_pct, "interpolation": cfg.interpolation,
+        "img_size": size, "crop_pct": crop_pct, "interpolation": interpolation, "transform_from": transform_source,
         "eval_samples_per_sec": round(metrics["count"] / elapsed, 2),
         "device": str(device), "data": cfg.data.name,
     }
