@@ -3,7 +3,7 @@
 MACs are multiply-accumulates for one image (not 2x FLOPs). Convolutions, linear layers and the
 kernel-mixing matmuls are counted by ``torch.utils.flop_counter.FlopCounterMode`` from the ops
 actually run. The elementwise products of the dynamic layers (ODConv's attentions applied to the
-input, the output and the kernels) are invisible to such counters (``reference/ecosystem.md`` §5.3),
+input, the output and the kernels) are invisible to such counters (they count matmuls and convolutions only),
 so each such layer reports them through ``elementwise_macs(x, y)`` and they are added here; kernel
 aggregation is counted as the paper's formula writes it (see ``ODConv2d.elementwise_macs``). A layer
 may also return a negative part there, for work the paper does not count (DGC's zero-saliency

@@ -3,10 +3,9 @@
 Written from the descriptions of OSVAI/ODConv (``models/od_resnet.py``, ``models/od_mobilenetv2.py``,
 ``modules/odconv.py``) and OSVAI/KernelWarehouse (``models/kw_resnet.py``, ``models/kw_mobilenetv2.py``,
 ``modules/kernel_warehouse.py``), liyunsheng13/dcd (``models/imagenet/resnet_dcd.py``) and
-zhuogege1943/dgc (``layers.py``, ``models/dynamic_resnet.py``) in
-``shared/reference/algorithms.md`` §1, §2, §4 and §7; nothing here
+zhuogege1943/dgc (``layers.py``, ``models/dynamic_resnet.py``); nothing here
 imports dynconv. Every dynamic layer builds each sample's kernel explicitly and convolves each
-sample alone (DCD: its decomposition is evaluated per sample, §7). Evaluation mode: BatchNorm with running statistics, ODConv temperature 1,
+sample alone (DCD: its decomposition is evaluated per sample). Evaluation mode: BatchNorm with running statistics, ODConv temperature 1,
 KernelWarehouse tau 0 (so ``alpha = z / (sum |z| + 1e-3)``, and beta plays no part).
 """
 from __future__ import annotations
@@ -50,7 +49,7 @@ def input_channel_grid(c_out: int, c_in_per_group: int, groups: int) -> torch.Te
 
 
 def odconv(state: State, prefix: str, x: torch.Tensor, stride: int, padding: int, groups: int) -> torch.Tensor:
-    """ODConv2d: W_b = sum_i a_w[i] * a_s * a_f[o] * a_c[c] * W_i (algorithms.md §1.1-1.2), no bias."""
+    """ODConv2d: W_b = sum_i a_w[i] * a_s * a_f[o] * a_c[c] * W_i (ODConv paper Eq. 1; OSVAI/ODConv modules/odconv.py), no bias."""
     weights = state[f"{prefix}.weight"]  # (n, C_out, C_in / g, k, k)
     n, c_out, c_in_g, k, _ = weights.shape
     att = f"{prefix}.attention"
@@ -94,7 +93,7 @@ def find_warehouse(banks: List[torch.Tensor], rows: int, c_out: int, c_in_g: int
 
 
 def kw_kernel(cells: torch.Tensor, c_out: int, c_in_g: int, k: int) -> torch.Tensor:
-    """Place mixture ``j = s * (G_out * G_in) + o * G_in + i`` at output block o, input block i, tap s (§2.5)."""
+    """Place mixture ``j = s * (G_out * G_in) + o * G_in + i`` at output block o, input block i, tap s (OSVAI/KernelWarehouse modules/kernel_warehouse.py, ``KWconvNd``)."""
     cell_out, cell_in = cells.shape[1], cells.shape[2]
     g_out, g_in = c_out // cell_out, c_in_g // cell_in
     kernel = cells.new_zeros(c_out, c_in_g, k, k)
@@ -106,7 +105,7 @@ def kw_kernel(cells: torch.Tensor, c_out: int, c_in_g: int, k: int) -> torch.Ten
 
 def kw_conv(state: State, banks: List[torch.Tensor], prefix: str, x: torch.Tensor, c_out: int, k: int,
             stride: int, padding: int, groups: int) -> torch.Tensor:
-    """KWConv2d at tau = 0: each mixture is ``sum_t alpha[j, t] e_t`` over its whole warehouse (§2.1-2.2)."""
+    """KWConv2d at tau = 0: each mixture is ``sum_t alpha[j, t] e_t`` over its whole warehouse (KernelWarehouse paper Sec. 3; modules/kernel_warehouse.py)."""
     att = f"{prefix}.attention"
     c_in_g = x.shape[1] // groups
     bank = find_warehouse(banks, state[f"{att}.fc2.weight"].shape[0], c_out, c_in_g, k)
@@ -127,7 +126,7 @@ def hsigmoid(v: torch.Tensor) -> torch.Tensor:
 
 
 def dcd_attention(state: State, prefix: str, v: torch.Tensor):
-    """DCD's ``fc`` (Linear, then ``y * hsigmoid(W y)``), ``fc_phi`` and ``hsigmoid(fc_scale)`` (§7)."""
+    """DCD's ``fc`` (Linear, then ``y * hsigmoid(W y)``), ``fc_phi`` and ``hsigmoid(fc_scale)`` (liyunsheng13/dcd models/imagenet/resnet_dcd.py)."""
     y = linear(state[f"{prefix}.fc.0.weight"], v)
     y = y * hsigmoid(linear(state[f"{prefix}.fc.1.fc.0.weight"], y))
     latent = int(state[f"{prefix}.fc_phi.weight"].shape[0] ** 0.5)
@@ -161,7 +160,7 @@ def dcd_classifier(state: State, prefix: str, pooled: torch.Tensor) -> torch.Ten
 
 
 def dgc_conv(state: State, prefix: str, x: torch.Tensor, stride: int, padding: int) -> torch.Tensor:
-    """DynamicMultiHeadConv at eval, one sample and head at a time (§4.1): ``ReLU(BN(x))``; per head the
+    """DynamicMultiHeadConv at eval, one sample and head at a time (zhuogege1943/dgc layers.py): ``ReLU(BN(x))``; per head the
     saliency ``ReLU(fc2(ReLU(fc1(GAP))))`` with its ``_inactive_channels`` smallest entries (and ties)
     zeroed; the head's conv of ``x * g``; channel ``j`` of head ``h`` lands at ``j * heads + h``."""
     x = torch.relu(batch_norm(state, f"{prefix}.norm", x))
@@ -215,7 +214,7 @@ def resnet18_forward(state: State, x: torch.Tensor) -> torch.Tensor:
 
 
 def mobilenetv2_forward(state: State, x: torch.Tensor) -> torch.Tensor:
-    """OD_MobileNetV2 / KW_MobileNetV2 at width 1.0: ``features.*`` with ReLU6 (§1.5, §2.4)."""
+    """OD_MobileNetV2 / KW_MobileNetV2 at width 1.0: ``features.*`` with ReLU6 (OSVAI/ODConv models/od_mobilenetv2.py, OSVAI/KernelWarehouse models/kw_mobilenetv2.py)."""
     relu6 = F.relu6
     x = relu6(batch_norm(state, "features.0.1", conv(state, "features.0.0", x, 32, 3, stride=2)))
     cin, idx = 32, 1

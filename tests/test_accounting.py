@@ -129,7 +129,7 @@ def test_counts_scale_with_the_batch():
     assert dynconv.count_macs(nn.Sequential(layer), (2, C_IN, HW, HW)) == two["total"]
 
 
-# ODConv README MAdds (algorithms.md §9.1), 224x224.
+# OSVAI/ODConv README.md MAdds column, 224x224.
 README_MACS = [
     ("resnet18", "static", 1.814e9),
     ("resnet18", "odconv_1x", 1.838e9),

@@ -1,4 +1,5 @@
-"""Every config option composes into the schema; the recipes hold the official settings (algorithms.md §10)."""
+"""Every config option composes into the schema; the recipes hold the official settings (the official
+training commands and configs named beside each value)."""
 from __future__ import annotations
 
 import csv

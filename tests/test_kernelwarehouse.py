@@ -32,7 +32,7 @@ OFFICIAL_PARAMS = [
     ("kw_1d2x", "mobilenetv2_050", 1.47),
 ]
 
-# algorithms.md §2.3: (n, cell channels) per stage warehouse of kw_resnet18 / kw_resnet50.
+# OSVAI/KernelWarehouse modules/kernel_warehouse.py Warehouse_Manager.store() with configs/resnet*/kw*.json: (n, cell channels) per stage warehouse of kw_resnet18 / kw_resnet50.
 RESNET18_WAREHOUSES = {
     "kw_1d4x": [(56, 32), (47, 64), (47, 128), (27, 256)],
     "kw_1d2x": [(112, 32), (94, 64), (94, 128), (54, 256)],

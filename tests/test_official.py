@@ -511,7 +511,7 @@ def test_dgc_without_official_model_raises():
 
 def _ic_resnet50_keys(patterns) -> Shapes:
     """ic_resnet50: torchvision Bottleneck names; each conv2 is ``conv_list.{j}`` over the patterns
-    with a non-zero count, in file order (algorithms.md §3.1-§3.2)."""
+    with a non-zero count, in file order (yifan123/IC-Conv model/ic_resnet.py and model/ic_conv2d.py)."""
     out: Shapes = {}
     i, inplanes = 0, 64
     for s, (planes, blocks) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3))):
