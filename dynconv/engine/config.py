@@ -7,6 +7,8 @@ runs before any data is read.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -263,11 +265,91 @@ def _choice(key: str, value: Any, valid: tuple) -> None:
         raise ValueError(f"{key}={value!r} is not valid; choose one of: {', '.join(valid)}")
 
 
+# Free-form mappings: their keys are options of timm, torchvision or a conv family, checked where used.
+_FREE_FORM = {"kwargs", "options", "rows"}
+
+
+def unknown_keys(node: Any, prefix: str = "") -> List[str]:
+    """Dotted names of values set on the config that its schema does not define.
+
+    Hydra lets ``+trainer.wrkers=2`` add a key to a structured config; it would then be ignored.
+    """
+    if not dataclasses.is_dataclass(node):
+        return []
+    names = {f.name for f in dataclasses.fields(node)}
+    out = [f"{prefix}{key}" for key in vars(node) if key not in names and not key.startswith("_")]
+    for name in names - _FREE_FORM:
+        out += unknown_keys(getattr(node, name), f"{prefix}{name}.")
+    return out
+
+
+def _did_you_mean(key: str, node: Any) -> str:
+    *path, leaf = key.split(".")
+    for part in path:
+        node = getattr(node, part)
+    close = difflib.get_close_matches(leaf, [f.name for f in dataclasses.fields(node)], n=1)
+    return f"; did you mean {'.'.join(path + close)}?" if close else ""
+
+
+def _at_least(key: str, value: Any, low: float, what: str = "") -> None:
+    if value is not None and value < low:
+        raise ValueError(f"{key}={value!r} is not valid: it must be at least {low:g}{what}")
+
+
+def _check_numbers(cfg: Any) -> None:
+    t = cfg.trainer
+    for key in ("batch_size", "eval_batch_size", "max_epochs", "limit_train_batches", "limit_eval_batches",
+                "log_interval"):
+        _at_least(f"trainer.{key}", getattr(t, key), 1)
+    _at_least("trainer.workers", t.workers, 0)
+    _at_least("trainer.checkpoint_interval", t.checkpoint_interval, 0, " (0: a checkpoint at the end of each epoch only)")
+    _at_least("trainer.max_nan_skips", t.max_nan_skips, 0)
+    _at_least("data.image_size", cfg.data.image_size, 1)
+    if not 0 < cfg.data.crop_pct <= 1:
+        raise ValueError(f"data.crop_pct={cfg.data.crop_pct!r} is not valid: it must be in (0, 1] "
+                         "(the centre crop's share of the resized image, 0.875 for 224 of 256)")
+    for key, value in cfg.conv.options.items():
+        if key.endswith("_epochs") and isinstance(value, (int, float)):
+            _at_least(f"conv.options.{key}", value, 0)
+
+
+def _check_recipe(recipe: Any) -> None:
+    from timm.optim import list_optimizers
+
+    _choice("recipe.scheduler.name", recipe.scheduler.name, SCHEDULERS)
+    for key in ("batch_size", "epochs"):
+        _at_least(f"recipe.{key}", getattr(recipe, key), 1)
+    if recipe.schedule_speed <= 0:
+        raise ValueError(f"recipe.schedule_speed={recipe.schedule_speed!r} is not valid: it must be positive")
+    opt = recipe.optimizer
+    if opt.lr <= 0 or opt.lr_batch < 1:
+        raise ValueError(f"recipe.optimizer.lr={opt.lr!r} at recipe.optimizer.lr_batch={opt.lr_batch!r} is not "
+                         "valid: both must be positive")
+    _at_least("recipe.optimizer.weight_decay", opt.weight_decay, 0)
+    names = list_optimizers()
+    if opt.name.lower() not in names:
+        close = difflib.get_close_matches(opt.name.lower(), names, n=3)
+        raise ValueError(f"recipe.optimizer.name={opt.name!r} is not a timm optimizer"
+                         + (f"; did you mean {', '.join(close)}?" if close else "")
+                         + " (all names: timm.optim.list_optimizers())")
+    warmup = recipe.scheduler.warmup_epochs
+    _at_least("recipe.scheduler.warmup_epochs", warmup, 0)
+    if warmup >= recipe.epochs:
+        raise ValueError(f"recipe.scheduler.warmup_epochs={warmup:g} is not shorter than recipe.epochs="
+                         f"{recipe.epochs}: the run would end inside its warm-up; lower it (e.g. "
+                         f"recipe.scheduler.warmup_epochs={recipe.epochs / 10:g}) or raise recipe.epochs")
+    if recipe.scheduler.warmup_steps and not recipe.scheduler.per_iteration:
+        raise ValueError("recipe.scheduler.warmup_steps needs recipe.scheduler.per_iteration=true")
+
+
 def validate(cfg: Any) -> None:
     """Checks across keys that the schema cannot express; raises ValueError naming the key."""
     from .. import list_archs, list_convs
     from ..models import DROP_PATH_MODES
 
+    extra = unknown_keys(cfg)
+    if extra:
+        raise ValueError(f"{extra[0]} is not a config key (given with '+'?){_did_you_mean(extra[0], cfg)}")
     _choice("task", cfg.task, TASKS)
     _choice("model.name", cfg.model.name, tuple(list_archs()))
     _choice("conv.name", cfg.conv.name, tuple(list_convs()))
@@ -282,14 +364,11 @@ def validate(cfg: Any) -> None:
     _choice("trainer.amp", cfg.trainer.amp, AMP_MODES)
     _choice("trainer.nan_policy", cfg.trainer.nan_policy, NAN_POLICIES)
     _choice("model.drop_path_mode", cfg.model.drop_path_mode, DROP_PATH_MODES)
-    if hasattr(cfg, "recipe"):
-        _choice("recipe.scheduler.name", cfg.recipe.scheduler.name, SCHEDULERS)
-        if cfg.recipe.batch_size < 1 or cfg.recipe.epochs < 1 or cfg.recipe.schedule_speed <= 0:
-            raise ValueError("recipe.batch_size, recipe.epochs and recipe.schedule_speed must be positive")
-        if not 0 <= cfg.recipe.scheduler.warmup_epochs < cfg.recipe.epochs:
-            raise ValueError("recipe.scheduler.warmup_epochs must be in [0, recipe.epochs)")
-        if cfg.recipe.scheduler.warmup_steps and not cfg.recipe.scheduler.per_iteration:
-            raise ValueError("recipe.scheduler.warmup_steps needs recipe.scheduler.per_iteration=true")
+    _check_numbers(cfg)
+    if isinstance(cfg, EvalConfig):
+        _at_least("batch_size", cfg.batch_size, 1)
+    if hasattr(cfg, "recipe") and not isinstance(cfg, EvalConfig):  # eval composes a recipe it does not run
+        _check_recipe(cfg.recipe)
     if hasattr(cfg, "logger"):
         _choice("logger.name", cfg.logger.name, ("none", "wandb"))
     if cfg.data.root in (None, "", MISSING):
