@@ -8,6 +8,8 @@ resolve=True)``), never as ``DictConfig`` or ``argparse.Namespace``, and RNG sta
 from __future__ import annotations
 
 import argparse
+import errno
+import hashlib
 import os
 import pickle
 import random
@@ -47,17 +49,47 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    writer: Optional[_WriteErrors] = None
     try:
         with open(tmp, "xb") as f:  # "x": never clobber another writer's temp file
-            write(f)
-            f.flush()
+            writer = _WriteErrors(f)
+            write(writer)
+            writer.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # KeyboardInterrupt / SystemExit must not leave a temp file either
+    except BaseException as err:  # KeyboardInterrupt / SystemExit must not leave a temp file either
         tmp.unlink(missing_ok=True)
+        cause = writer.error if writer is not None and writer.error is not None else err
+        if isinstance(cause, OSError) and cause.errno in _DISK_FULL:
+            kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written there"
+            raise CheckpointError(f"no space left on device writing {path}; {kept}") from err
         raise
     _fsync_dir(path.parent)
     return path
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class _WriteErrors:
+    """A binary file that remembers the ``OSError`` of a failed write: ``torch.save`` reports a full disk
+    as a ``RuntimeError`` ("unexpected pos ...") that has lost the errno."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        return self._keep(self.file.write, data)
+
+    def flush(self) -> None:
+        self._keep(self.file.flush)
+
+    def _keep(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except OSError as e:
+            self.error = e
+            raise
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -94,24 +126,28 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
             ``weights_only`` refuses (no unsafe fallback is attempted).
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
         return _load_safetensors(path, map_location)
     try:
         with _allow_namespace():
-            return torch.load(path, map_location=map_location, weights_only=True)
+            obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         blocked = _unsafe_globals(path, e)
         if blocked:
+            # torch's own message advises weights_only=False, which would run the file's code: not passed on
             raise CheckpointError(
-                f"checkpoint {path} needs globals that weights_only=True refuses to unpickle: "
-                f"{', '.join(blocked)}. No automatic unsafe fallback is done; if you trust this file, "
-                "load it yourself with torch.load(path, weights_only=False) and pass the result on."
+                f"checkpoint {path} is not a dynconv or official checkpoint: it asks to build Python objects "
+                f"that no checkpoint holds ({', '.join(blocked)}), and was not loaded"
             ) from e
         raise _corrupt(path, e) from e
     except (RuntimeError, EOFError, KeyError, IndexError, ValueError) as e:  # what torn / foreign bytes raise
         raise _corrupt(path, e) from e
+    _verify_checksum(obj, path)
+    return obj
 
 
 def _allow_namespace() -> ContextManager:
@@ -139,10 +175,58 @@ def _unsafe_globals(path: Path, error: BaseException) -> List[str]:
 
 
 def _corrupt(path: Path, error: BaseException) -> CheckpointError:
+    detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+    if "weights_only" in str(error):  # torch's advice to unpickle unsafely: never passed on
+        detail = ""
     return CheckpointError(
-        f"checkpoint {path} is incomplete or corrupt (truncated write, or not a torch/safetensors "
-        f"file): {type(error).__name__}: {error}"
+        f"checkpoint {path} is not a dynconv or official checkpoint, or it is incomplete or corrupt "
+        f"(not a readable torch or safetensors file): {type(error).__name__}{': ' + detail if detail else ''}"
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Checksums: torch verifies nothing on load, so a flipped byte in a tensor loads silently.
+
+CHECKSUM_KEY = "checksum"
+
+
+def content_checksum(obj: Any) -> str:
+    """SHA-256 over a checkpoint's contents: every tensor's dtype, shape and bytes and every other
+    value's ``repr``, in the object's own (insertion) order; the ``checksum`` entry itself is left out."""
+    digest = hashlib.sha256()
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, Mapping):
+            items = [(key, item) for key, item in value.items() if key != CHECKSUM_KEY]
+            digest.update(f"D{len(items)}".encode())
+            for key, item in items:
+                digest.update(repr(key).encode())
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"{type(value).__name__[0]}{len(value)}".encode())
+            for item in value:
+                visit(item)
+        else:
+            digest.update(repr(value).encode())
+
+    visit(obj)
+    return digest.hexdigest()
+
+
+def _verify_checksum(obj: Any, path: Path) -> None:
+    """Official files carry no checksum and are taken as they are."""
+    stored = obj.get(CHECKSUM_KEY) if isinstance(obj, Mapping) else None
+    if not isinstance(stored, Mapping) or "sha256" not in stored:
+        return
+    if content_checksum(obj) != stored["sha256"]:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its contents no longer match the checksum dynconv stored when it "
+            "wrote the file (a damaged copy or disk); use another checkpoint of the run (last.pt / best.pt)"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,6 +363,7 @@ def load_weights(
     strict: bool = True,
     expect: Optional[Mapping[str, Any]] = None,
     use_ema: bool = False,
+    source_name: Optional[str] = None,
 ) -> str:
     """Load weights into ``model`` and return a one-line description of what was loaded.
 
@@ -294,13 +379,14 @@ def load_weights(
         expect: e.g. ``{"arch": "resnet18", "conv": "odconv_4x"}``; checked against the dynconv
             checkpoint's ``meta``.
         use_ema: read the EMA weights (``ema``, ``state_dict_ema`` or ``model_ema``).
+        source_name: how messages name an in-memory ``source`` (e.g. the file it was read from).
 
     Raises:
         CheckpointError: unreadable file, ``meta`` disagreeing with ``expect``, or keys / shapes that
             fit neither the model nor an official layout (the first keys of each kind are listed).
     """
     if isinstance(source, Mapping):
-        where, obj = "<in-memory checkpoint>", source
+        where, obj = source_name or "<in-memory checkpoint>", source
     else:
         where, obj = str(source), load_checkpoint(source)
     raw, meta, form = _select_state(obj, use_ema, where)
@@ -371,10 +457,13 @@ class CheckpointManager:
         return self.path(name).is_file()
 
     def save(self, name: str, state: Mapping[str, Any]) -> Optional[Path]:
-        """Write ``run_dir/<name>.pt`` atomically; a no-op returning ``None`` on non-primary ranks."""
+        """Write ``run_dir/<name>.pt`` atomically with its content checksum (verified by
+        :func:`load_checkpoint`); a no-op returning ``None`` on non-primary ranks."""
         if not self.is_primary:
             return None
-        return atomic_save(dict(state), self.path(name))
+        state = {k: v for k, v in state.items() if k != CHECKSUM_KEY}
+        state[CHECKSUM_KEY] = {"sha256": content_checksum(state)}
+        return atomic_save(state, self.path(name))
 
     def load(self, name: str, map_location: Any = "cpu") -> Optional[Dict[str, Any]]:
         """The checkpoint ``name``, or ``None`` when there is none."""
@@ -385,11 +474,13 @@ class CheckpointManager:
 
 
 __all__ = [
+    "CHECKSUM_KEY",
     "CheckpointError",
     "CheckpointManager",
     "atomic_save",
     "atomic_write",
     "clean_state_dict",
+    "content_checksum",
     "load_checkpoint",
     "load_weights",
     "rng_state",
