@@ -66,6 +66,26 @@ def test_odconv_matches_reference(shape, batch, kernel_num):
     _compare(layer, odconv_reference, shape, batch)
 
 
+@pytest.mark.parametrize("temperature", [30.0, 3.9, 1.0])
+@pytest.mark.parametrize("shape", [SHAPES["depthwise"], SHAPES["pointwise"], SHAPES["stride2"]],
+                         ids=["depthwise", "pointwise", "stride2"])
+def test_odconv_training_mode_matches_reference_along_the_temperature_ramp(shape, temperature):
+    """Training mode (the attention BatchNorm on batch statistics) at the start, the end and the last
+    stretch of the 30 -> 1 ramp, where the demo run's accuracy drops: the same output as the reference
+    evaluated with the batch's mean and biased variance as running statistics (what training-mode
+    BatchNorm normalises with; official OSVAI/ODConv modules/odconv.py uses a plain nn.BatchNorm2d)."""
+    layer = _layer(ODConv2d, shape, kernel_num=4, bias=False)
+    _randomise_norms(layer)
+    layer.attention.set_schedule_value(temperature)
+    x = torch.randn(5, shape[0], shape[7], shape[8], dtype=torch.float64)
+    hidden = layer.attention.fc(x.mean((2, 3), keepdim=True)).flatten(1)
+    y = layer.train()(x)
+    bn = layer.attention.bn
+    bn.running_mean.copy_(hidden.mean(0))
+    bn.running_var.copy_(hidden.var(0, unbiased=False))
+    torch.testing.assert_close(y, odconv_reference(layer.eval(), x), rtol=1e-9, atol=1e-10)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
 def test_dyconv_matches_reference(shape, batch):
