@@ -7,7 +7,7 @@ import dynconv
 from dynconv.checkpoint import CheckpointError
 from dynconv.detection import DynamicBackbone, create_detector, level_channels
 
-# Official FPN in_channels (reference/algorithms.md §10.5; mmdet's ResNet50, ConvNeXt-T stage widths).
+# Official FPN in_channels (OSVAI/ODConv and OSVAI/KernelWarehouse detection configs: neck in_channels).
 LEVELS = {
     "resnet50": [256, 512, 1024, 2048],
     "resnet18": [64, 128, 256, 512],

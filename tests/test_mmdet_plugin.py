@@ -244,11 +244,25 @@ def test_config_loads_and_its_backbone_builds(mm, path):
     if name.endswith("_adamw_1x_coco"):  # KernelWarehouse recipe
         assert (optimizer.type, optimizer.lr, optimizer.weight_decay) == ("AdamW", 1e-4, 0.05)
         assert tuple(optimizer.betas) == (0.9, 0.999) and "momentum" not in optimizer
-        assert cfg.optim_wrapper.paramwise_cfg.norm_decay_mult == 0.0
+        paramwise = cfg.optim_wrapper.paramwise_cfg
+        if "convnext" in name:  # mmcv_custom LearningRateDecayOptimizerConstructor: no decay for 1-D and biases
+            assert (paramwise.norm_decay_mult, paramwise.bias_decay_mult) == (0.0, 0.0)
+            # KW ConvNeXt's layer scale is [1, C, 1, 1] in detection/mmdet/models/backbones/kw_convnext.py
+            assert paramwise.custom_keys == {".gamma": dict(decay_mult=1.0 if "kw1x" in name else 0.0)}
+        else:  # detection/configs/kernelwarehouse/{resnet50,mobilenetv2}/*.py, verbatim
+            assert paramwise == dict(custom_keys={"absolute_pos_embed": dict(decay_mult=0.0),
+                                                  "relative_position_bias_table": dict(decay_mult=0.0),
+                                                  "norm": dict(decay_mult=0.0)})
         assert milestones == ([9, 11] if "convnext" in name else [8, 11])
         assert [t.type for t in cfg.train_dataloader.dataset.pipeline][2:4] == ["RandomFlip", "RandomChoice"]
         if "convnext" in name:
             assert backbone_cfg.conv_options.drop_path_rate == 0.4
+        elif "kw" in name and "resnet50" in name:  # KW_ResNet default drop_path_rate=0.1 in every block
+            assert backbone_cfg.conv_options == dict(drop_path_rate=0.1, drop_path_mode="uniform")
+            paths = [m.drop_path for m in backbone.modules() if hasattr(m, "drop_path")]
+            assert len(paths) == 16 and all(getattr(p, "drop_prob", None) == 0.1 for p in paths)
+        else:  # the baseline ResNet and the MobileNetV2 backbones have no drop path
+            assert "conv_options" not in backbone_cfg
     else:  # ODConv recipe: mmdet's SGD 1x
         assert (optimizer.type, optimizer.lr, optimizer.momentum, optimizer.weight_decay) == ("SGD", 0.02, 0.9, 1e-4)
         assert milestones == [8, 11]
@@ -262,3 +276,22 @@ def test_import_dynconv_leaves_mmdet_unimported():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_kw_custom_keys_decay_batchnorm_and_biases_under_mmengine(mm):
+    """The ResNet50 / MobileNetV2 KW configs' custom_keys, applied by mmengine's optimizer constructor (the
+    same substring rule as mmcv v1.3 DefaultOptimizerConstructor.add_params): only the KW attention's
+    norm1 is spared; BatchNorm parameters and biases are decayed, as in the official runs."""
+    from mmengine.optim import DefaultOptimWrapperConstructor
+
+    cfg = Config.fromfile(str(CONFIG_DIR / "mask_rcnn_kw1x_mobilenetv2_100_adamw_1x_coco.py"))
+    backbone = _built_backbone(mm, cfg.model.backbone)
+    constructor = DefaultOptimWrapperConstructor(cfg.optim_wrapper.to_dict(), cfg.optim_wrapper.paramwise_cfg.to_dict())
+    groups: list = []  # the parameter groups the constructor would hand to AdamW
+    constructor.add_params(groups, torch.nn.ModuleDict({"backbone": backbone}))
+    decay = {id(p): g.get("weight_decay", 0.05) for g in groups for p in g["params"]}
+    named = {n: p for n, p in backbone.named_parameters() if p.requires_grad}
+    spared = sorted(n for n, p in named.items() if decay[id(p)] == 0)
+    assert spared and all(".norm1." in n for n in spared)
+    decayed = [n for n in named if ".bn" in n or (n.endswith(".bias") and ".norm1." not in n)]
+    assert decayed and all(decay[id(named[n])] == 0.05 for n in decayed)

@@ -5,3 +5,7 @@ _base_ = './_base_/mask_rcnn_adamw_ms_1x_convnext.py'
 model = dict(
     backbone=dict(conv='kw_1x',
                   init_cfg=dict(type='Pretrained', checkpoint='checkpoints/kw1x_convnext_tiny.pth')))
+
+# The official KW ConvNeXt keeps its layer scale as a [1, C, 1, 1] tensor (detection/mmdet/models/backbones/
+# kw_convnext.py), which the layer-decay constructor's "no decay for 1-D" rule does not spare: decayed.
+optim_wrapper = dict(paramwise_cfg=dict(custom_keys={'.gamma': dict(decay_mult=1.)}))

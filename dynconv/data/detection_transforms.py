@@ -4,11 +4,13 @@ Boxes travel as ``tv_tensors.BoundingBoxes`` (XYXY) and masks as ``tv_tensors.Ma
 op moves them with the image. The training recipe is the one KernelWarehouse and Swin use on COCO
 (mmdetection's ``AutoAugment`` with two policies, after DETR, Carion et al., 2020): a horizontal flip,
 then either the plain image or, with probability ``crop_prob``, a resize to a random shorter side in
-``crop_resize`` followed by a random crop of a random size in ``crop_size``, after which each box is
-recomputed as the tight box of its cropped mask (mmdetection's ``recompute_bbox``: a clipped box would
-overhang a cut non-rectangular object) and boxes left empty are dropped. The final multi-scale
-resize (shorter side 480..800, longer side at most 1333) is not done here: torchvision's
-``GeneralizedRCNNTransform`` inside the detector does it when built with a tuple ``min_size``.
+``crop_resize`` followed by a random crop of a random size in ``crop_size``. As mmdet 2.x's ``RandomCrop``
+(Swin-Transformer-Object-Detection ``mmdet/datasets/pipelines/transforms.py``, which the KernelWarehouse
+configs run), the crop clips each box to the window, keeps the boxes of positive width and height, and
+crops the masks of the kept ones; boxes are not recomputed from the masks (mmdet 2.x has no
+``recompute_bbox``). The final multi-scale resize (shorter side 480..800, longer side at most 1333) is not
+done here: torchvision's ``GeneralizedRCNNTransform`` inside the detector does it when built with a tuple
+``min_size``.
 """
 from __future__ import annotations
 
@@ -19,17 +21,11 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["RandomSizeCrop", "BoxesFromMasks", "DetectionTransform", "build_detection_transform", "PER_BOX_KEYS"]
+__all__ = ["RandomSizeCrop", "BoxesFromMasks", "RemoveEmptyBoxes", "DetectionTransform", "build_detection_transform",
+           "PER_BOX_KEYS"]
 
 # Target entries with one row per box: dropped together with their box.
 PER_BOX_KEYS = ("labels", "area", "iscrowd")
-
-
-def _per_box_entries(inputs: Any) -> Tuple[torch.Tensor, ...]:
-    # SanitizeBoundingBoxes' labels_getter for ``(image, target)`` inputs; a function, not a lambda, so the
-    # transform pickles into spawned DataLoader workers. Masks are sanitised by type, without help.
-    target = inputs[1]
-    return tuple(target[k] for k in PER_BOX_KEYS if k in target)
 
 
 def _randint(low: int, high: int) -> int:
@@ -41,7 +37,7 @@ class RandomSizeCrop(v2.Transform):
 
     Both are clamped to the image, so smaller images are cropped less or not at all. This is DETR's
     ``RandomSizeCrop`` and mmdetection's ``RandomCrop(crop_type="absolute_range")``; boxes are clipped to
-    the window (drop the empty ones with ``SanitizeBoundingBoxes`` after it).
+    the window (drop the empty ones with :class:`RemoveEmptyBoxes` after it).
     """
 
     def __init__(self, min_size: int, max_size: int) -> None:
@@ -63,8 +59,9 @@ class RandomSizeCrop(v2.Transform):
 class BoxesFromMasks(v2.Transform):
     """Replace each box by the tight box (pixel edges) of its instance mask; an empty mask gives an empty box.
 
-    Passes the boxes through when there are no masks, or not one per box. Follow it with
-    ``SanitizeBoundingBoxes`` to drop the empty ones.
+    mmdet 3.x's ``RandomCrop(recompute_bbox=True)``; not part of the papers' recipe (mmdet 2.x clips), so
+    :func:`build_detection_transform` does not use it. Passes the boxes through when there are no masks,
+    or not one per box. Follow it with :class:`RemoveEmptyBoxes` to drop the empty ones.
     """
 
     def make_params(self, flat_inputs: list) -> Dict[str, Any]:
@@ -86,6 +83,31 @@ class BoxesFromMasks(v2.Transform):
         boxes = torch.stack([x1, y1, x2, y2], dim=1).to(inpt.dtype)
         boxes = F.convert_bounding_box_format(boxes, old_format="XYXY", new_format=inpt.format)
         return tv_tensors.wrap(boxes, like=inpt)
+
+
+class RemoveEmptyBoxes(v2.Transform):
+    """Drop the boxes without area (``x2 <= x1`` or ``y2 <= y1``), with their masks and :data:`PER_BOX_KEYS`.
+
+    mmdet 2.x ``RandomCrop._crop_data`` keeps exactly the boxes with ``x2 > x1`` and ``y2 > y1`` after
+    clipping; ``v2.SanitizeBoundingBoxes`` cannot (it needs ``min_size >= 1`` pixel). Takes and returns
+    ``(image, target)`` with XYXY ``target["boxes"]``; masks go along when there is one per box.
+    """
+
+    def forward(self, *inputs: Any) -> Any:
+        image, target = inputs if len(inputs) > 1 else inputs[0]
+        boxes = target["boxes"]
+        xyxy = F.convert_bounding_box_format(boxes.as_subclass(torch.Tensor), old_format=boxes.format,
+                                             new_format=tv_tensors.BoundingBoxFormat.XYXY)
+        keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+        target = dict(target)
+        target["boxes"] = tv_tensors.wrap(boxes.as_subclass(torch.Tensor)[keep], like=boxes)
+        masks = target.get("masks")
+        if masks is not None and masks.ndim == 3 and len(masks) == len(keep):
+            target["masks"] = tv_tensors.wrap(masks.as_subclass(torch.Tensor)[keep], like=masks)
+        for key in PER_BOX_KEYS:
+            if key in target and len(target[key]) == len(keep):
+                target[key] = target[key][keep]
+        return image, target
 
 
 class DetectionTransform:
@@ -161,8 +183,7 @@ def build_detection_transform(
         crop = v2.Compose([
             v2.RandomShortestSize(list(crop_resize), max_size=max_size),
             RandomSizeCrop(*crop_size),
-            BoxesFromMasks(),
-            v2.SanitizeBoundingBoxes(labels_getter=_per_box_entries),
+            RemoveEmptyBoxes(),
         ])
         steps.append(v2.RandomApply([crop], p=crop_prob))
     return DetectionTransform(v2.Compose(steps) if steps else None)

@@ -1,7 +1,9 @@
 """A dynconv classification network as a detection backbone: four feature levels, frozen early
 stages, BatchNorm statistics kept fixed, ImageNet weights (dynconv or official) loaded with a report.
 
-The levels are the ones the papers' detection code feeds its FPN (``reference/algorithms.md`` §10.5):
+The levels are the ones the papers' detection code feeds its FPN (OSVAI/ODConv
+``object_detection/mmdet/models/backbones/od_resnet.py``, ``od_mobilenetv2.py``; OSVAI/KernelWarehouse
+``detection/mmdet/models/backbones/kw_resnet.py``, ``kw_mobilenetv2.py``, ``kw_convnext.py``):
 
 - ResNet: ``layer1``..``layer4`` (strides 4-32; 256-2048 channels for ResNet50), as mmdet's ResNet.
 - MobileNetV2: the official ODConv/KernelWarehouse out_indices (1, 2, 3, 4), i.e. the ends of the
@@ -45,8 +47,10 @@ def _levels(arch: str) -> _Levels:
     if arch.startswith("resnet"):
         return _Levels(("conv1", "bn1"), (("layer1",), ("layer2",), ("layer3",), ("layer4",)))
     if arch.startswith("mobilenetv2"):
-        # The official backbones' stage 0 is the stem with the first (16-channel) block; what
-        # frozen_stages=1 covers is inferred from that numbering (their backbone file is not public).
+        # The official backbones (od_mobilenetv2.py, kw_mobilenetv2.py) number stages by the ends
+        # stage_idx = [1, 3, 6, 13, 18] of torchvision-style ``features``; frozen_stages=k freezes
+        # features[0 .. stage_idx[k]]: k=1 is the stem, the 16-channel block and the two 24-channel
+        # blocks, i.e. timm's conv_stem/bn1, blocks.0 and blocks.1.
         return _Levels(("conv_stem", "bn1", "blocks.0"),
                        (("blocks.1",), ("blocks.2",), ("blocks.3", "blocks.4"),
                         ("blocks.5", "blocks.6", "conv_head", "bn2")))

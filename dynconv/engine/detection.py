@@ -3,7 +3,8 @@
 a torchvision R-CNN, detection data and COCO AP in place of the classifier, its data and top-1.
 
 The recipes (``configs/recipe/det_1x_sgd.yaml``, ``det_1x_adamw.yaml``) are the papers' mmdet 1x
-settings (``reference/algorithms.md`` §10.5); the dynamic layers keep their schedules' end values
+settings (OSVAI/ODConv ``object_detection/configs/odconv/*.py``, OSVAI/KernelWarehouse
+``detection/configs/kernelwarehouse/**``); the dynamic layers keep their schedules' end values
 (T = 1, tau = 0), as when the official detection code loads an ImageNet checkpoint, unless
 ``detector.layer_schedule=train``.
 """
@@ -68,6 +69,7 @@ def build_detector(cfg: Any, num_classes: int, sizes: Optional[Sequence[int]] = 
     options = {**dict(model.kwargs), **dict(cfg.conv.options)}
     if model.drop_path_rate:
         options["drop_path_rate"] = model.drop_path_rate
+        options["drop_path_mode"] = model.drop_path_mode
     try:
         return create_detector(det.name, model.name, cfg.conv.name, num_classes=num_classes,
                                min_size=list(sizes or [cfg.data.min_size]), max_size=cfg.data.max_size,

@@ -653,6 +653,23 @@ def _group_unit(conv: nn.Conv2d) -> int:
     return conv.out_channels // conv.groups if conv.groups > 1 else 1
 
 
+OFFICIAL_TASKS = ("detection", "segmentation")
+
+
+def official_task_patterns(arch: str, task: str) -> Optional[str]:
+    """The shipped pattern file the official models of ``task`` use on ``arch``, or None if there is none.
+
+    The yifan123/IC-Conv README model zoo pairs every Faster / Cascade R-CNN row with
+    ``pattern_zoo/detection/ic_resnet{50,101}_k9.json`` and every Mask R-CNN (instance segmentation) row
+    with ``pattern_zoo/segmentation/ic_resnet{50,101}_k9.json``; only ResNet50 and ResNet101 have files.
+    """
+    if task not in OFFICIAL_TASKS:
+        raise ValueError(f"task {task!r}: the official IC-Conv patterns are for {', '.join(OFFICIAL_TASKS)}")
+    if arch not in ("resnet50", "resnet101"):
+        return None
+    return f"{task}_ic_{arch}_k9"
+
+
 def _official_default(widths: List[int]) -> Optional[List[Pattern]]:
     """The official detection patterns when the layers are those of ResNet50 (16) or ResNet101 (33):
     same count and widths (ResNet18 also has 16 such layers, with other widths)."""

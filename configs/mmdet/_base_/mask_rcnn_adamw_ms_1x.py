@@ -1,8 +1,13 @@
-# KernelWarehouse's COCO recipe (OSVAI/KernelWarehouse detection/configs/kernelwarehouse, written for the
-# mmdet 2.x Swin-Transformer-Object-Detection codebase; reference/algorithms.md §10.5), in mmdet 3.x terms:
-# Mask R-CNN R50-FPN, AdamW lr 1e-4 (16 images), betas (0.9, 0.999), wd 0.05 with no decay on norm
-# parameters, 12 epochs, steps 8 and 11 (mmdet's 500-iter linear warm-up kept), and DETR-style
-# multi-scale / crop augmentation. The papers' baselines were retrained with this same recipe.
+# KernelWarehouse's COCO recipe (OSVAI/KernelWarehouse detection/configs/kernelwarehouse/{resnet50,mobilenetv2},
+# written for the mmdet 2.11 SwinTransformer/Swin-Transformer-Object-Detection codebase), in mmdet 3.x terms:
+# Mask R-CNN R50-FPN, AdamW lr 1e-4 (16 images), betas (0.9, 0.999), wd 0.05, 12 epochs, steps 8 and 11
+# (mmdet's 500-iter linear warm-up kept), and DETR-style multi-scale / crop augmentation. The papers'
+# baselines were retrained with this same recipe.
+#
+# Weight decay: the official custom_keys, unchanged. mmcv (v1.3 DefaultOptimizerConstructor) and mmengine
+# match a key as a substring of the parameter's full name, so 'norm' spares only the KW attention's norm1;
+# BatchNorms (bn1, ...) and biases are decayed (norm_decay_mult and bias_decay_mult stay 1), as they were in
+# the official runs.
 _base_ = ['mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py', './dynconv_backbone.py']
 
 model = dict(backbone=dict(_delete_=True, **_base_.dynconv_backbone))
@@ -31,4 +36,6 @@ train_dataloader = dict(dataset=dict(pipeline=train_pipeline))
 
 optim_wrapper = dict(
     optimizer=dict(_delete_=True, type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
-    paramwise_cfg=dict(norm_decay_mult=0.))
+    paramwise_cfg=dict(custom_keys={'absolute_pos_embed': dict(decay_mult=0.),
+                                    'relative_position_bias_table': dict(decay_mult=0.),
+                                    'norm': dict(decay_mult=0.)}))

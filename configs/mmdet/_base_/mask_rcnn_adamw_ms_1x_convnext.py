@@ -3,8 +3,10 @@
 # Not reproduced: the official config uses mmcv_custom's layer-wise learning-rate decay (0.95 over 6 layers,
 # a ConvNeXt-specific optimizer constructor of the Swin/ConvNeXt detection codebases). Plain mmdet 3.3 has no
 # constructor that knows a dynconv ConvNeXt's layer order, so every backbone layer trains at the base rate
-# here; expect a small gap to the paper's ConvNeXt rows. Like that constructor, norm, bias and layer-scale
-# (gamma) parameters get no weight decay.
+# here; expect a small gap to the paper's ConvNeXt rows. Like that constructor (no decay for 1-D parameters
+# and biases: mmcv_custom/layer_decay_optimizer_constructor.py), norm, bias and layer-scale (gamma, 1-D in
+# timm and in the official backbones/convnext.py) parameters get no weight decay; the recipe base's
+# custom_keys are replaced, not merged.
 _base_ = './mask_rcnn_adamw_ms_1x.py'
 
 model = dict(
@@ -21,4 +23,5 @@ param_scheduler = [
 ]
 
 optim_wrapper = dict(
-    paramwise_cfg=dict(norm_decay_mult=0., bias_decay_mult=0., custom_keys={'.gamma': dict(decay_mult=0.)}))
+    paramwise_cfg=dict(_delete_=True, norm_decay_mult=0., bias_decay_mult=0.,
+                       custom_keys={'.gamma': dict(decay_mult=0.)}))
