@@ -15,19 +15,23 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-__all__ = ["DatasetError", "CorruptImageError", "ImageFolderDataset", "imagenet_datasets", "find_classes"]
+__all__ = ["DatasetError", "CorruptImageError", "ImageFolderDataset", "imagenet_datasets", "find_classes", "to_rgb"]
 
 _logger = logging.getLogger("dynconv.data")
 
 LAYOUT = "<root>/train/<class>/*.JPEG and <root>/val/<class>/*.JPEG"
 ON_CORRUPT = ("raise", "skip")
 # What PIL raises for unreadable files: OSError (truncated, unidentified, missing), SyntaxError and
-# ValueError from some format parsers, EOFError from short reads.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
+# ValueError from some format parsers, EOFError from short reads, and DecompressionBombError (an Exception
+# of its own) when a header declares more than 2 * Image.MAX_IMAGE_PIXELS pixels.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+# Integer modes whose ``convert("RGB")`` clips every value above 255 (a 16-bit grey PNG turns ~99% white).
+_HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 PathLike = Union[str, os.PathLike]
 
@@ -60,6 +64,37 @@ class CorruptImageError(DatasetError):
         self.key = "data.on_corrupt"
 
 
+def _bit_depth(img: Image.Image) -> Optional[int]:
+    """Bits per sample of a high-bit-depth greyscale image, or None when the file does not say."""
+    if img.mode.startswith("I;16"):
+        return 16
+    if img.format in ("PNG", "PPM"):  # PIL opens 16-bit PNG / PGM greyscale as "I", scaled to 0..65535
+        return 16
+    if img.format == "TIFF":
+        bits = set(getattr(img, "tag_v2", {}).get(258, ()))  # BitsPerSample
+        return bits.pop() if len(bits) == 1 else None
+    return None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB, keeping the brightness of high-bit-depth greyscale images.
+
+    PIL's ``convert("RGB")`` clips ``I;16`` / ``I`` pixels at 255 instead of scaling them. They are
+    reduced to their top 8 bits, as PIL itself reduces 16-bit RGB PNGs and libpng's ``png_set_strip_16``
+    does, so an 8-bit image stored at 16 bits (``v * 257``) comes back exactly. ``F`` (float) images and
+    integer images of unknown bit depth raise ValueError rather than be guessed at.
+    """
+    if img.mode in _HIGH_DEPTH_MODES:
+        bits = _bit_depth(img)
+        if bits is None or not 8 <= bits <= 32:
+            raise ValueError(f"{img.format} image of mode {img.mode} with unknown bit depth; convert it to 8-bit")
+        values = np.asarray(img).astype(np.int64).clip(0, 2**bits - 1)
+        return Image.fromarray((values >> (bits - 8)).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
+        raise ValueError("floating-point (mode F) image, whose value range is not known; convert it to 8-bit")
+    return img.convert("RGB")
+
+
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
@@ -75,16 +110,57 @@ def find_classes(directory: PathLike, key: str = "data.root") -> Tuple[List[str]
     return classes, {name: i for i, name in enumerate(classes)}
 
 
+def _walk_images(folder: Path, claimed: Dict[str, str], class_folders: Dict[str, str], directory: Path,
+                 key: str) -> List[str]:
+    """Image paths under ``folder``, following symlinks as torchvision does, in the order of its
+    ``make_dataset`` (sorted directories, sorted files).
+
+    A directory reached twice would be read twice, and a link into another class folder relabels that
+    class's images: ``os.walk(followlinks=True)`` follows a link back to an ancestor until the path is too
+    long (12 images became 492 with one such link). So every directory is resolved before it is entered
+    and one that leads to an ancestor, to a directory already read, or into another class's folder
+    raises :class:`DatasetError` naming the link.
+
+    Args:
+        claimed: real directory -> the path it was first reached by (shared by the split's classes).
+        class_folders: real path of every class folder of the split -> its class name.
+    """
+    top = os.path.realpath(folder)
+    listed: List[Tuple[str, List[str]]] = []
+    for dirpath, dirnames, files in os.walk(folder, followlinks=True):
+        dirnames.sort()  # the same link is named whatever order the file system lists them in
+        for name in dirnames:
+            path = os.path.join(dirpath, name)
+            real = os.path.realpath(path)
+            if real == top or top.startswith(real.rstrip(os.sep) + os.sep):
+                problem = f"leads back to {real}, which holds the class folder {folder} itself (a symlink loop)"
+            elif real in claimed:
+                problem = f"leads to {real}, already read as {claimed[real]}"
+            else:
+                owner = next((c for r, c in class_folders.items()
+                              if r != top and (real == r or real.startswith(r + os.sep))), None)
+                problem = None if owner is None else f"leads to {real}, inside the folder of class {owner!r}"
+            if problem is not None:
+                raise DatasetError(f"{path} {problem}: its images would be read again or under another class's "
+                                   f"label; remove or fix the link", directory, key)
+            claimed[real] = path
+        listed.append((dirpath, files))
+    return [os.path.join(dirpath, f) for dirpath, files in sorted(listed) for f in sorted(files) if _is_image(f)]
+
+
 def _make_samples(directory: Path, class_to_idx: Dict[str, int], key: str) -> List[Tuple[str, int]]:
+    class_folders = {os.path.realpath(directory / name): name for name in find_classes(directory, key)[0]}
+    claimed: Dict[str, str] = {}
     samples = []
     for name in sorted(class_to_idx):
         folder = directory / name
-        found = [
-            os.path.join(dirpath, f)
-            for dirpath, _, files in sorted(os.walk(folder, followlinks=True))
-            for f in sorted(files)
-            if _is_image(f)
-        ]
+        real = os.path.realpath(folder)
+        if real in claimed:
+            raise DatasetError(f"class folder {folder} leads to {real}, already read as {claimed[real]}: its "
+                               f"images would be read twice, under two labels; remove or fix the link",
+                               directory, key)
+        claimed[real] = str(folder)
+        found = _walk_images(folder, claimed, class_folders, directory, key)
         if not found:
             raise DatasetError(f"class folder {folder} has no images (extensions: {', '.join(IMG_EXTENSIONS)})",
                                directory, key)
@@ -147,11 +223,12 @@ class SkipsUnreadableImages:
         return max(1, int(self.max_bad_fraction * len(self)))
 
     def load(self, path: str) -> Image.Image:
-        """Open and fully decode ``path`` to RGB; raises :class:`CorruptImageError` if it cannot."""
+        """Open and fully decode ``path`` to 8-bit RGB (:func:`to_rgb`); raises :class:`CorruptImageError`
+        naming the file if it cannot, a decompression bomb included."""
         try:
             with Image.open(path) as img:
                 img.load()
-                return img.convert("RGB")
+                return to_rgb(img)
         except _DECODE_ERRORS as err:
             raise CorruptImageError(
                 f"cannot decode image {path}: {err}. Set data.on_corrupt=skip to skip unreadable images "

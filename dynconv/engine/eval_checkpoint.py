@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from ..accounting import count_macs, count_params
-from ..checkpoint import atomic_write, load_checkpoint, load_weights
+from ..checkpoint import CheckpointError, atomic_write, load_checkpoint, load_weights
 from ..data import build_loader
 from ..malloc import reuse_freed_memory
 from ..schedules import set_progress
@@ -30,6 +31,45 @@ def load_for_eval(model: torch.nn.Module, cfg: Any, state: Optional[Mapping[str,
     if progress is not None:  # mid-schedule temperatures, not the end values a fresh model holds
         set_progress(model, progress)
     return loaded.replace("<in-memory checkpoint>", str(cfg.checkpoint))
+
+
+def check_class_names(state: Optional[Mapping[str, Any]], classes: Sequence[str], checkpoint: Any,
+                      ignore: bool = False) -> Optional[str]:
+    """Refuse to score a checkpoint on data whose class names differ from those it was trained on.
+
+    A dynconv checkpoint stores its run's class names (``meta["classes"]``, in label order). With other
+    names, or the same in another order, label ``i`` of the data is not the class output ``i`` was trained
+    for, and top-1 is measured against the wrong labels without any error. Official files store no names
+    and are not checked; a dynconv checkpoint without them (written before they were stored) cannot be.
+
+    Returns:
+        a warning to print (names that could not be checked, or differences ignored), or None.
+
+    Raises:
+        CheckpointError: the names differ and ``ignore`` is False (``ignore_class_names=true`` scores anyway).
+    """
+    meta = state.get("meta") if isinstance(state, Mapping) else None
+    if not isinstance(meta, Mapping):
+        return None  # an official file or a bare state dict: no names to check against
+    stored = meta.get("classes")
+    if stored is None:
+        return (f"warning: {checkpoint} stores no class names (written by an older dynconv), so they cannot be "
+                f"checked against the data's {len(classes)} classes")
+    stored, classes = [str(c) for c in stored], [str(c) for c in classes]
+    if stored == classes:
+        return None
+    first = next(i for i in range(max(len(stored), len(classes)))
+                 if i >= len(stored) or i >= len(classes) or stored[i] != classes[i])
+    at = lambda names: repr(names[first]) if first < len(names) else "nothing"  # noqa: E731
+    problem = (f"{checkpoint} was trained on {len(stored)} classes, the data has {len(classes)}, and they differ "
+               f"first at label {first}: {at(stored)} in the checkpoint, {at(classes)} in the data "
+               f"(only in the checkpoint: {sorted(set(stored) - set(classes))[:5]}, only in the data: "
+               f"{sorted(set(classes) - set(stored))[:5]})")
+    if not ignore:
+        raise CheckpointError(f"{problem}: the scores would count the wrong labels. Evaluate on the run's "
+                              f"classes (data.root, data.classes / data.num_classes), or set "
+                              f"ignore_class_names=true to score anyway")
+    return f"warning: {problem}; scoring anyway (ignore_class_names=true)"
 
 
 def eval_transform(cfg: Any, state: Optional[Mapping[str, Any]]) -> Tuple[str, float, str]:
@@ -77,6 +117,9 @@ def run_eval(cfg: Any) -> Dict[str, Any]:
     state = load_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
     interpolation, crop_pct, transform_source = eval_transform(cfg, state)
     data = build_data(dataclasses.replace(cfg.data, crop_pct=crop_pct), None, eval_interpolation=interpolation)
+    warning = check_class_names(state, data.classes, cfg.checkpoint, ignore=cfg.ignore_class_names)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     model = build_model(cfg.model, cfg.conv, data.num_classes)
     loaded = load_for_eval(model, cfg, state) if state is not None else "no checkpoint: a freshly initialised model"
     size = cfg.data.image_size
