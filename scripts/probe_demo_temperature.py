@@ -1,0 +1,108 @@
+"""Probe how an ODConv checkpoint of the demo run depends on the attention temperature.
+
+Two probes, both on the demo data and recipe (extra arguments are Hydra overrides of
+``configs/train.yaml``):
+
+``eval CKPT --temperatures 3.9 2 1``
+    The checkpoint's weights evaluated (eval mode, no update) at each temperature: how much of the
+    network's accuracy survives the sharpening of its sigmoid attentions alone.
+``replay CKPT [--hold-temperature] [--lr-scale S]``
+    Resume the run from ``CKPT`` (a ``last.pt`` written at the end of an epoch) for one more epoch,
+    printing every update's temperature, learning rate, loss and gradient norms (all parameters,
+    attention parameters). ``--hold-temperature`` keeps the temperature where the checkpoint left
+    it; ``--lr-scale`` multiplies every update's learning rate.
+
+    python scripts/probe_demo_temperature.py eval runs/.../last.pt --temperatures 3.9 2 1.5 1
+    python scripts/probe_demo_temperature.py replay epoch6.pt --hold-temperature --run-dir /tmp/hold
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, List, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_official_demo import ROOT, compose_config, make_trainer_class  # noqa: E402
+
+
+def probe_eval(ckpt: Path, temperatures: List[float], overrides: List[str]) -> None:
+    from dynconv.data import build_loader
+    from dynconv.engine.builders import build_data, build_model
+    from dynconv.engine.evaluate import evaluate
+    from dynconv.ops.odconv import ODAttention
+
+    cfg = compose_config(overrides, ROOT / "runs" / "probe_eval")
+    data = build_data(cfg.data, cfg.recipe.aug)
+    val = build_loader(data.val, batch_size=100, train=False, workers=0)
+    model = build_model(cfg.model, cfg.conv, data.num_classes)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    layers = [m for m in model.modules() if isinstance(m, ODAttention)]
+    trained_at = layers[0].schedule(state["meta"]["schedule_progress"])
+    print(f"{ckpt}: epoch {state['meta']['epoch']:g}, trained at temperature {trained_at:.3f}")
+    for t in temperatures:
+        for layer in layers:
+            layer.set_schedule_value(t)
+        r = evaluate(model, val, device=torch.device("cpu"))
+        print(f"temperature {t:g}: eval top-1 {r['top1']:.2f}  loss {r['loss']:.4f}", flush=True)
+
+
+def probe_replay(ckpt: Path, hold: bool, lr_scale: float, run_dir: Path, overrides: List[str]) -> None:
+    from dynconv.engine.distributed import init_distributed
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    epoch = int(round(state["meta"]["epoch"]))
+    cfg = compose_config(["trainer.progress=false", f"trainer.max_epochs={epoch + 1}", *overrides], run_dir)
+    cfg.trainer.resume = str(ckpt)
+    base = make_trainer_class(None)
+    held = state["meta"]["schedule_progress"]
+
+    class Replay(base):  # type: ignore[misc, valid-type]
+        def schedule_progress(self) -> float:
+            progress = super().schedule_progress()
+            return min(progress, held) if hold else progress
+
+        def _optimizer_step(self) -> None:
+            grads = [(n, p.grad) for n, p in self.module.named_parameters() if p.grad is not None]
+            self.norms = (math.sqrt(sum(float(g.square().sum()) for _, g in grads)),
+                          math.sqrt(sum(float(g.square().sum()) for n, g in grads if ".attention." in n)))
+            for group in self.optimizer.param_groups:
+                group["lr"] *= lr_scale
+            super()._optimizer_step()
+
+        def train_step(self, group: Any, epoch: int) -> Optional[float]:
+            loss = super().train_step(group, epoch)
+            s = self.steps[-1]
+            print(f"step {s['step']} T {s['temperature']:.3f} lr {s['lr']:.4g} loss {s['loss']:.4f} "
+                  f"grad norm {self.norms[0]:.2f} attention grad norm {self.norms[1]:.2f}", flush=True)
+            return loss
+
+    Replay(cfg, init_distributed(cfg.trainer.device)).fit()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="probe", required=True)
+    e = sub.add_parser("eval")
+    e.add_argument("checkpoint", type=Path)
+    e.add_argument("--temperatures", type=float, nargs="+", required=True)
+    r = sub.add_parser("replay")
+    r.add_argument("checkpoint", type=Path)
+    r.add_argument("--hold-temperature", action="store_true")
+    r.add_argument("--lr-scale", type=float, default=1.0)
+    r.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "probe_replay")
+    args, overrides = parser.parse_known_args()
+    if args.probe == "eval":
+        probe_eval(args.checkpoint, args.temperatures, overrides)
+    else:
+        probe_replay(args.checkpoint, args.hold_temperature, args.lr_scale, args.run_dir, overrides)
+
+
+if __name__ == "__main__":
+    main()
