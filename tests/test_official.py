@@ -289,15 +289,13 @@ def test_variant_without_official_layout_raises():
 # ------------------------------------------------------------------ KernelWarehouse
 
 
-def _kw_or_skip(arch: str, conv: str = "kw_1x", seed: int = 1) -> torch.nn.Module:
-    try:
-        return _build(arch, conv, seed=seed)
-    except (ImportError, NotImplementedError) as err:  # pragma: no cover - while KW is being written
-        pytest.skip(f"KernelWarehouse not available: {err}")
+def _kw(arch: str, conv: str = "kw_1x", seed: int = 1) -> torch.nn.Module:
+    """A KernelWarehouse model: a failure to build one fails the test that needs it (never a skip)."""
+    return _build(arch, conv, seed=seed)
 
 
 def test_kw_resnet18_layout_matches_official_definition():
-    ckpt = export_official(_kw_or_skip("resnet18"))
+    ckpt = export_official(_kw("resnet18"))
     assert list(ckpt) == ["model"]
     got = _shapes(ckpt["model"])
     assert [got[f"warehouse_manager.weights.{i}"] for i in range(4)] == [
@@ -315,7 +313,7 @@ def test_kw_resnet18_layout_matches_official_definition():
 
 
 def test_kw_mobilenetv2_layout_matches_official_definition():
-    got = _shapes(export_official(_kw_or_skip("mobilenetv2_100"))["model"])
+    got = _shapes(export_official(_kw("mobilenetv2_100"))["model"])
     assert got["classifier.weight"] == (1000, 1280)  # kw_mobilenetv2: a bare Linear classifier
     assert "features.0.0.attention.fc1.weight" in got  # the stem is KW too
     assert "features.1.conv.0.0.attention.fc1.weight" in got  # expansion-1 block: dw conv
@@ -327,7 +325,7 @@ def test_kw_mobilenetv2_layout_matches_official_definition():
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2_100"])
 def test_kw_round_trip(arch):
-    src = _kw_or_skip(arch, seed=1)
+    src = _kw(arch, seed=1)
     dst = _build(arch, "kw_1x", seed=2)
     report = import_official(dst, export_official(src))
     assert report.source_format == "kw" and report.layout == "kw"
@@ -336,7 +334,7 @@ def test_kw_round_trip(arch):
 
 
 def test_kw_file_with_args_and_ema(tmp_path):
-    model, ema = _kw_or_skip("resnet18", seed=1), _kw_or_skip("resnet18", seed=3)
+    model, ema = _kw("resnet18", seed=1), _kw("resnet18", seed=3)
     path = tmp_path / "checkpoint-best.pth"
     torch.save({
         "model": export_official(model)["model"],
@@ -354,7 +352,7 @@ def test_kw_file_with_args_and_ema(tmp_path):
 
 
 def test_kw_checkpoint_into_odconv_model_raises(od_r18):
-    ckpt = export_official(_kw_or_skip("resnet18"))
+    ckpt = export_official(_kw("resnet18"))
     before = _state(od_r18)
     with pytest.raises(ValueError, match="does not fit this odconv_4x resnet18 model"):
         import_official(od_r18, ckpt)
@@ -364,7 +362,7 @@ def test_kw_checkpoint_into_odconv_model_raises(od_r18):
 @pytest.mark.slow
 @pytest.mark.parametrize("conv", ["static", "kw_1x"])
 def test_convnext_round_trip(conv):
-    src = _kw_or_skip("convnext_tiny", conv, seed=1)
+    src = _kw("convnext_tiny", conv, seed=1)
     ckpt = export_official(src)
     got = _shapes(ckpt["model"])
     dynamic = conv != "static"
