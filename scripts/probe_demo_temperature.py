@@ -58,7 +58,9 @@ def probe_replay(ckpt: Path, hold: bool, lr_scale: float, run_dir: Path, overrid
     shutil.rmtree(run_dir, ignore_errors=True)
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     epoch = int(round(state["meta"]["epoch"]))
-    cfg = compose_config(["trainer.progress=false", f"trainer.max_epochs={epoch + 1}", *overrides], run_dir)
+    # the layer schedules as the checkpoint's run had them, whatever configs/recipe/demo.yaml says now
+    speed = f"recipe.schedule_speed={state['config']['recipe']['schedule_speed']}"
+    cfg = compose_config(["trainer.progress=false", f"trainer.max_epochs={epoch + 1}", speed, *overrides], run_dir)
     cfg.trainer.resume = str(ckpt)
     base = make_trainer_class(None)
     held = state["meta"]["schedule_progress"]
