@@ -2,10 +2,13 @@
 
 The expected layout is ``<root>/train/<class>/*.JPEG`` and ``<root>/val/<class>/*.JPEG`` (any of
 torchvision's image extensions). Layout problems raise :class:`DatasetError` naming the config key, the
-resolved path and that layout. Every image is fully decoded inside the error handler: PIL decodes
-lazily, so a truncated JPEG opens fine and only fails at ``load()``. Unreadable images either raise
-(default) or, with ``on_corrupt="skip"``, are replaced by the next readable sample, logged and counted
-across DataLoader workers, up to ``max_bad_fraction`` of the dataset.
+resolved path and that layout; so does a symlink that would read a folder twice or under another class's
+label (a loop, a second link to one folder, a link into another class). Every image is fully decoded
+inside the error handler: PIL decodes lazily, so a truncated JPEG opens fine and only fails at
+``load()``. High-bit-depth greyscale images are scaled to 8 bits, not clipped (:func:`to_rgb`).
+Unreadable images (a decompression bomb included) either raise (default) or, with
+``on_corrupt="skip"``, are replaced by the next readable sample, logged and counted across DataLoader
+workers, up to ``max_bad_fraction`` of the dataset.
 """
 from __future__ import annotations
 
