@@ -25,6 +25,7 @@ def load_for_eval(model: torch.nn.Module, cfg: Any, state: Optional[Mapping[str,
     a dynconv run's layer schedules are set where that run left them. Returns what was loaded."""
     state = load_checkpoint(cfg.checkpoint) if state is None else state
     loaded = load_weights(model, state, expect={"arch": cfg.model.name, "conv": cfg.conv.name, **expect},
+                          source_name=str(cfg.checkpoint),
                           use_ema=cfg.use_ema)
     meta = state.get("meta") if isinstance(state.get("meta"), dict) else {}
     progress = meta.get("schedule_progress", meta.get("epoch"))
