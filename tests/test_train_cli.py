@@ -156,6 +156,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, cache):
                 tmp_path / "eval", cache)
     assert wrong.returncode == 1
     assert "was trained for arch=resnet18 conv=static" in wrong.stderr and "arch=resnet34" in wrong.stderr
+    assert f"checkpoint {run_dir / 'last.pt'} was trained for" in wrong.stderr  # the file, not <in-memory ...>
     # resuming a run directory with another conv: refused, and the checkpoint is left as it was
     before = (run_dir / "last.pt").read_bytes()
     other = run("train.py", TINY + ["model=resnet18", "conv=se", "recipe.epochs=2"], run_dir, cache)
