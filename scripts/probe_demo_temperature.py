@@ -30,15 +30,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_official_demo import ROOT, compose_config, make_trainer_class  # noqa: E402
 
 
-def probe_eval(ckpt: Path, temperatures: List[float], overrides: List[str]) -> None:
-    from dynconv.data import build_loader
+def use_batch_statistics(model: torch.nn.Module, which: str) -> None:
+    """Training-mode BatchNorm (batch statistics, running ones left alone) in the attentions or everywhere."""
+    from dynconv.ops.odconv import ODAttention
+
+    attention = {id(m.bn) for m in model.modules() if isinstance(m, ODAttention)}
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d) and (which == "all" or id(m) in attention):
+            m.train()
+            m.momentum = 0.0
+
+
+@torch.no_grad()
+def top1_and_loss(model: torch.nn.Module, loader: Any) -> dict:
+    correct, loss, count = 0, 0.0, 0
+    for images, targets in loader:
+        logits = model(images)
+        correct += int((logits.argmax(1) == targets).sum())
+        loss += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        count += len(targets)
+    return {"top1": 100.0 * correct / count, "loss": loss / count}
+
+
+def probe_eval(ckpt: Path, temperatures: List[float], batch_stats: str, overrides: List[str]) -> None:
     from dynconv.engine.builders import build_data, build_model
-    from dynconv.engine.evaluate import evaluate
     from dynconv.ops.odconv import ODAttention
 
     cfg = compose_config(overrides, ROOT / "runs" / "probe_eval")
     data = build_data(cfg.data, cfg.recipe.aug)
-    val = build_loader(data.val, batch_size=100, train=False, workers=0)
+    # shuffled (the validation set is stored class by class), so a batch's statistics mix the classes
+    val = torch.utils.data.DataLoader(data.val, batch_size=100, shuffle=True, generator=torch.Generator().manual_seed(0))
     model = build_model(cfg.model, cfg.conv, data.num_classes)
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
@@ -48,8 +69,12 @@ def probe_eval(ckpt: Path, temperatures: List[float], overrides: List[str]) -> N
     for t in temperatures:
         for layer in layers:
             layer.set_schedule_value(t)
-        r = evaluate(model, val, device=torch.device("cpu"))
-        print(f"temperature {t:g}: eval top-1 {r['top1']:.2f}  loss {r['loss']:.4f}", flush=True)
+        model.eval()
+        if batch_stats != "none":
+            use_batch_statistics(model, batch_stats)
+        r = top1_and_loss(model, val)  # not engine.evaluate: it would put every BatchNorm in eval mode
+        print(f"temperature {t:g}: eval top-1 {r['top1']:.2f}  loss {r['loss']:.4f}"
+              f"{'' if batch_stats == 'none' else f'  (batch statistics: {batch_stats} BatchNorms)'}", flush=True)
 
 
 def probe_replay(ckpt: Path, hold: bool, lr_scale: float, run_dir: Path, overrides: List[str]) -> None:
@@ -94,6 +119,8 @@ def main() -> None:
     e = sub.add_parser("eval")
     e.add_argument("checkpoint", type=Path)
     e.add_argument("--temperatures", type=float, nargs="+", required=True)
+    e.add_argument("--batch-stats", choices=["none", "attention", "all"], default="none",
+                   help="normalise with each batch's statistics (100 images) in these BatchNorms")
     r = sub.add_parser("replay")
     r.add_argument("checkpoint", type=Path)
     r.add_argument("--hold-temperature", action="store_true")
@@ -101,7 +128,7 @@ def main() -> None:
     r.add_argument("--run-dir", type=Path, default=ROOT / "runs" / "probe_replay")
     args, overrides = parser.parse_known_args()
     if args.probe == "eval":
-        probe_eval(args.checkpoint, args.temperatures, overrides)
+        probe_eval(args.checkpoint, args.temperatures, args.batch_stats, overrides)
     else:
         probe_replay(args.checkpoint, args.hold_temperature, args.lr_scale, args.run_dir, overrides)
 
