@@ -8,10 +8,11 @@ from typing import Any, Callable, Tuple, Type
 
 from ..checkpoint import CheckpointError
 from ..data import DatasetError
+from .run_guard import RunDirectoryBusy
 from .trainer import NonFiniteLossError
 
 USER_ERRORS: Tuple[Type[BaseException], ...] = (ValueError, FileNotFoundError, DatasetError, CheckpointError,
-                                                NonFiniteLossError)
+                                                NonFiniteLossError, RunDirectoryBusy)
 
 # torch.utils.data re-raises a DataLoader worker's exception as ``type(err)(text)``, the text being
 # "Caught <Name> in DataLoader worker process <n>.\nOriginal Traceback ..." and the worker's traceback

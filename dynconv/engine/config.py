@@ -169,6 +169,9 @@ class TrainerConfig:
     limit_train_batches: Optional[int] = None  # per epoch, for quick checks
     limit_eval_batches: Optional[int] = None
     resume: str = "auto"  # auto | never | a checkpoint path
+    # values a resumed run may change (recipe.epochs, recipe.optimizer.lr, recipe.grad_clip, trainer.batch_size);
+    # any other difference from the run's stored config stops the resume (dynconv.engine.run_guard)
+    resume_changes: List[str] = field(default_factory=list)
     init_checkpoint: Optional[str] = None  # weights to start from (dynconv or official layout)
     progress: bool = True
     # CPU runs: glibc keeps freed memory for reuse instead of unmapping it (dynconv.malloc); the per-sample
@@ -366,6 +369,10 @@ def validate(cfg: Any) -> None:
     _choice("trainer.nan_policy", cfg.trainer.nan_policy, NAN_POLICIES)
     _choice("model.drop_path_mode", cfg.model.drop_path_mode, DROP_PATH_MODES)
     _check_numbers(cfg)
+    from .run_guard import RESUMABLE
+
+    for key in getattr(cfg.trainer, "resume_changes", ()):
+        _choice("trainer.resume_changes", key, RESUMABLE)
     if isinstance(cfg, EvalConfig):
         _at_least("batch_size", cfg.batch_size, 1)
     if hasattr(cfg, "recipe") and not isinstance(cfg, EvalConfig):  # eval composes a recipe it does not run
