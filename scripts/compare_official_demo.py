@@ -62,6 +62,31 @@ def compose_config(overrides: List[str], run_dir: Path) -> Any:
     return config
 
 
+def check_same_function(model: nn.Module, official: nn.Module, size: int) -> None:
+    """Print how far the two networks' training-mode outputs and parameter gradients are apart at
+    three temperatures (on copies: the BatchNorm running statistics of the runs stay untouched)."""
+    import copy
+
+    from dynconv.official import official_names
+
+    names = official_names(model)
+    x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    for temperature in (30.0, 5.0, 1.0):
+        ours, theirs = copy.deepcopy(model).train(), copy.deepcopy(official).train()
+        for m in ours.modules():
+            if hasattr(m, "set_schedule_value"):
+                m.set_schedule_value(temperature)
+        theirs.net_update_temperature(temperature)
+        y_ours, y_theirs = ours(x), theirs(x)
+        y_ours.square().sum().backward()
+        y_theirs.square().sum().backward()
+        params = dict(theirs.named_parameters())
+        grad = max(float((p.grad.reshape(params[names[n]].grad.shape) - params[names[n]].grad).abs().max())
+                   for n, p in ours.named_parameters())
+        print(f"  same function check, training mode, T={temperature:g}: max |output difference| "
+              f"{float((y_ours - y_theirs).abs().max()):.3g}, max |gradient difference| {grad:.3g}", flush=True)
+
+
 def make_trainer_class(official_fn: Optional[Any]) -> type:
     from dynconv.engine import Trainer
     from dynconv.official import export_official
@@ -90,6 +115,7 @@ def make_trainer_class(official_fn: Optional[Any]) -> type:
             official.schedule = schedule
             official.set_schedule_value = official.net_update_temperature
             official.net_update_temperature(schedule(float("inf")))
+            check_same_function(model, official, self.cfg.data.image_size)
             return official
 
         def _count(self, model: nn.Module) -> Tuple[int, Optional[int]]:
