@@ -2,12 +2,18 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import timm
+import torch
+import torch.nn.functional as F
+from timm.models.convnext import ConvNeXt
+from timm.models.efficientnet import EfficientNet
+from timm.models.resnet import ResNet
 from torch import nn
 
 from .registry import ConvVariant, get_variant
+from .backbones import set_submodule
 from .surgery import convert
 
 ARCHS: Tuple[str, ...] = (
@@ -101,6 +107,143 @@ def set_uniform_drop_path(model: nn.Module, rate: float) -> int:
     return blocks
 
 
+# -- heads that stay dynamic ---------------------------------------------------------------------------------
+
+HEAD_ATTR = "dynconv_head"  # "dcd" (DCD's dynamic classifier) or "kw" (KernelWarehouse classifier / warehouses)
+
+
+def _classifier_path(model: nn.Module) -> str:
+    classifier = model.get_classifier()
+    for name, module in model.named_modules():
+        if module is classifier:
+            return name
+    raise RuntimeError(f"{type(model).__name__}.get_classifier() is not a submodule")
+
+
+class DynamicHeadMixin:
+    """``reset_classifier`` / ``prune_intermediate_layers`` for backbones whose head or shared weights are
+    dynconv's own (timm's versions would put back a plain ``nn.Linear`` or leave unused weights behind).
+
+    - DCD: the new classifier is DCD's dynamic one again (official ``DYCls``), not a plain Linear.
+    - KernelWarehouse: a KW classifier (1/2x MobileNetV2) is rebuilt as a KW layer with the same cell
+      ratios (in its own warehouse: the old warehouse held that classifier's cells only), and warehouses
+      that no layer of the model uses any more (the old classifier's, the pruned stages') are dropped, so
+      every parameter takes part in the forward (DDP without ``find_unused_parameters``).
+    """
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, **kwargs: Any) -> None:
+        path = _classifier_path(self)
+        super().reset_classifier(num_classes, global_pool, **kwargs)
+        new = self.get_submodule(path) if path else None
+        kind = getattr(self, HEAD_ATTR, None)
+        if isinstance(new, nn.Linear) and kind == "dcd" and getattr(self, "_dynconv_dynamic_classifier", False):
+            from .ops.dcd import DCDLinear
+
+            set_submodule(self, path, DCDLinear.from_linear(new).train(new.training).requires_grad_(
+                new.weight.requires_grad))
+        elif isinstance(new, nn.Linear) and kind == "kw":
+            from .ops.kernelwarehouse import KWLinear
+
+            options = getattr(self, "_dynconv_kw_classifier", None)
+            if options is not None:
+                layer = KWLinear.from_linear(new, **options)
+                set_submodule(self, path, layer.train(new.training).requires_grad_(new.weight.requires_grad))
+        self._drop_unused_warehouses()
+
+    def prune_intermediate_layers(self, *args: Any, **kwargs: Any) -> List[int]:
+        taken = super().prune_intermediate_layers(*args, **kwargs)
+        self._drop_unused_warehouses()
+        return taken
+
+    def _drop_unused_warehouses(self) -> None:
+        manager = getattr(self, "warehouse_manager", None)
+        if manager is not None:
+            manager.drop_unused(self)
+
+
+def _dynamic_head_class(base: type) -> type:
+    cls = type(base.__name__, (DynamicHeadMixin, base), {"__module__": __name__})
+    cls.__qualname__ = f"_Dynconv{base.__name__}"
+    globals()[cls.__qualname__] = cls  # so pickle finds the class by module and qualname
+    return cls
+
+
+_HEAD_CLASSES: Dict[type, type] = {base: _dynamic_head_class(base) for base in (ResNet, EfficientNet, ConvNeXt)}
+
+
+def _use_dynamic_head(model: nn.Module, family: str, options: Dict[str, Any]) -> None:
+    """Give a DCD or KernelWarehouse model the :class:`DynamicHeadMixin` methods (same class name, same
+    state dict)."""
+    from .ops.dcd import DCDLinear
+    from .ops.kernelwarehouse import KWLinear
+
+    if family not in ("dcd", "kw") or type(model) not in _HEAD_CLASSES:
+        return
+    model.__class__ = _HEAD_CLASSES[type(model)]
+    setattr(model, HEAD_ATTR, family)
+    classifier = model.get_classifier()
+    if family == "dcd":
+        model._dynconv_dynamic_classifier = isinstance(classifier, DCDLinear) or (
+            not isinstance(classifier, nn.Linear) and options.get("dynamic_classifier", True))
+    elif isinstance(classifier, KWLinear):
+        # The classifier's warehouse options as the conversion set them (the 1/2x plan's last entries).
+        from .ops.kernelwarehouse import _per_warehouse
+
+        manager, idx = classifier.conv.warehouse_manager_ref, classifier.conv.warehouse_id
+        count = len(manager.weights)
+        keys = ("reduction", "cell_num_ratio", "cell_inplane_ratio", "cell_outplane_ratio", "nonlocal_basis_ratio")
+        options = {key: _per_warehouse(getattr(manager, key), count, key)[idx] for key in keys}
+        model._dynconv_kw_classifier = dict(options, attention_norm=manager.attention_norm,
+                                            mixing_epochs=manager.mixing_epochs)
+
+
+# -- fresh BatchNorm statistics ------------------------------------------------------------------------------
+
+_FRESH_NORM_FAMILIES = ("dcd", "dgc")
+FRESH_ATTR = "_dynconv_fresh_statistics"
+
+
+def _fresh_norm_hook(module: nn.Module, args: Tuple[torch.Tensor, ...], output: torch.Tensor) -> Optional[torch.Tensor]:
+    """Eval-mode output of a BatchNorm that has no statistics yet: normalised with the batch's own."""
+    if not getattr(module, FRESH_ATTR, False) or module.num_batches_tracked.is_meta:
+        return None
+    if module.training or int(module.num_batches_tracked) != 0:  # trained, or statistics copied in (EMA)
+        setattr(module, FRESH_ATTR, False)
+        return None
+    x = args[0]
+    if x.numel() == x.shape[1]:  # one value per channel: batch statistics are undefined
+        return None
+    return F.batch_norm(x, None, None, module.weight, module.bias, True, 0.0, module.eps)
+
+
+def _loaded_norm_hook(module: nn.Module, *args: Any) -> None:
+    setattr(module, FRESH_ATTR, False)  # a state dict brings statistics (even one without num_batches_tracked)
+
+
+def use_batch_statistics_until_trained(model: nn.Module) -> int:
+    """Until they have seen a training batch or a state dict, ``model``'s BatchNorms normalise with the
+    batch's own statistics in eval mode too; returns how many BatchNorms were set up.
+
+    DCD (``P Phi(x) Q^T x``) and DGC (``conv(x * g(x))``) multiply by their input, so with the initial
+    running statistics (mean 0, variance 1) a fresh ResNet's eval-mode activations square at every
+    block: about 1e3 after layer1, inf/NaN by layer2 (timm's smoke test runs a fresh model in eval). The
+    official models (liyunsheng13/dcd ``models/imagenet/resnet_dcd.py``: convs normal(0, sqrt(2/n)),
+    BatchNorm weight 1, bias 0; zhuogege1943/dgc ``models/dynamic_resnet.py``: kaiming fan_out, BatchNorm
+    1/0) do the same. Filling the running statistics from one synthetic batch is not enough: any other
+    input, or another resolution, differs a little from it, and the squaring turns that into inf again.
+    Parameters, training mode and trained or loaded models are unaffected; the check costs one read
+    of ``num_batches_tracked`` per BatchNorm and eval forward, only while a BatchNorm is still fresh.
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            setattr(module, FRESH_ATTR, True)
+            module.register_forward_hook(_fresh_norm_hook)
+            module._register_load_state_dict_pre_hook(_loaded_norm_hook, with_module=True)
+            count += 1
+    return count
+
+
 def create_model(arch: str, conv: str = "static", num_classes: int = 1000, **overrides: Any) -> nn.Module:
     """Build ``arch`` from timm and apply ``conv`` with the official per-backbone rules.
 
@@ -136,5 +279,9 @@ def create_model(arch: str, conv: str = "static", num_classes: int = 1000, **ove
     if drop_path_mode == "uniform":
         set_uniform_drop_path(model, timm_kwargs.get("drop_path_rate", 0.0))
     if variant.family != "static":
-        convert(model, conv, **{**_arch_defaults(variant, arch), **conv_options})
+        options = {**_arch_defaults(variant, arch), **conv_options}
+        convert(model, conv, **options)
+        _use_dynamic_head(model, variant.family, options)
+        if variant.family in _FRESH_NORM_FAMILIES:
+            use_batch_statistics_until_trained(model)
     return model

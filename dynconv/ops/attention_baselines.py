@@ -29,12 +29,18 @@ def make_residual_attention(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown residual attention {kind!r}; choose se, cbam or eca")
 
 
+def _like(module: nn.Module, reference: nn.Module) -> nn.Module:
+    """``module`` on the device and dtype of ``reference``'s parameters (a model built on ``meta`` stays there)."""
+    param = next(reference.parameters(), None)
+    return module if param is None else module.to(device=param.device, dtype=param.dtype)
+
+
 def _resnet(model: nn.Module, kind: str) -> List[Tuple[str, str]]:
     inserted = []
     for s in range(1, 5):
         for b, block in enumerate(getattr(model, f"layer{s}")):
             last_norm = "bn3" if hasattr(block, "bn3") else "bn2"
-            attn = make_residual_attention(kind, getattr(block, last_norm).num_features)
+            attn = _like(make_residual_attention(kind, getattr(block, last_norm).num_features), block)
             if hasattr(block, "se"):  # timm blocks call ``self.se`` after the last norm
                 if block.se is not None:
                     raise ValueError(f"layer{s}.{b} already has an attention module ({type(block.se).__name__})")
@@ -54,7 +60,7 @@ def _mobilenetv2(model: nn.Module, kind: str) -> List[Tuple[str, str]]:
         for b, block in enumerate(stage):
             if not isinstance(block.se, nn.Identity):
                 raise ValueError(f"blocks.{s}.{b} already has an attention module ({type(block.se).__name__})")
-            block.se = make_residual_attention(kind, block.conv_dw.out_channels)
+            block.se = _like(make_residual_attention(kind, block.conv_dw.out_channels), block)
             inserted.append((f"blocks.{s}.{b}.se", type(block.se).__name__))
     return inserted
 
@@ -67,7 +73,7 @@ def _convnext(model: nn.Module, kind: str) -> List[Tuple[str, str]]:
         for b, block in enumerate(stage.blocks):
             if not isinstance(block.mlp.fc1, nn.Conv2d):
                 raise ValueError("attention on ConvNeXt blocks needs the NCHW block layout (timm conv_mlp=True)")
-            block.mlp = nn.Sequential(block.mlp, make_residual_attention(kind, block.mlp.fc2.out_channels))
+            block.mlp = nn.Sequential(block.mlp, _like(make_residual_attention(kind, block.mlp.fc2.out_channels), block))
             inserted.append((f"stages.{s}.blocks.{b}.mlp.1", type(block.mlp[1]).__name__))
     return inserted
 

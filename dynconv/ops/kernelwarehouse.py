@@ -34,7 +34,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_tracing
 
+from .._compat import autocast_enabled
 from ..backbones import CONVNEXT, GENERIC, MOBILENETV2, RESNET, ConvSite, get_submodule, set_submodule
 from ..schedules import warehouse_mixing
 from ._base import DynamicConv2dBase, IntOrPair, Padding
@@ -55,6 +57,16 @@ __all__ = [
 ]
 
 Ratio = Union[float, Sequence[float]]
+
+
+def _traced_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Tuple[int, int],
+                 padding: Any, dilation: Tuple[int, int], groups: int) -> torch.Tensor:
+    """The per-sample convolution as one call in an FX graph (its path choice reads the input's shape)."""
+    return per_sample_conv2d(x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+# torch.fx keeps calls to this function as graph nodes in every symbolic trace of this module's code.
+torch.fx.wrap("_traced_conv")
 
 # Options of convert_kernelwarehouse (dynconv.models splits create_model overrides with it).
 KW_OPTIONS: Tuple[str, ...] = (
@@ -381,6 +393,33 @@ class WarehouseManager(nn.Module):
                 )
         self.allocated = True
 
+    def drop_unused(self, network: nn.Module) -> List[str]:
+        """Remove the warehouses no KW layer of ``network`` uses any more (after ``reset_classifier`` or
+        ``prune_intermediate_layers`` took their layers away) and renumber the rest; returns their names.
+
+        A warehouse with at least one layer keeps all its cells: every layer's attention weighs every
+        cell of its warehouse, so each cell still gets a gradient. A warehouse without layers would
+        hold parameters without gradients, which DDP refuses unless ``find_unused_parameters=True``.
+        """
+        layers = [m for m in network.modules() if isinstance(m, KWConv2d) and m.warehouse_manager_ref is self]
+        used = sorted({m.warehouse_id for m in layers})
+        count = len(self.weights)
+        if len(used) == count:
+            return []
+        names = self.warehouse_names
+        for key in ("reduction", "cell_num_ratio", "cell_inplane_ratio", "cell_outplane_ratio",
+                    "nonlocal_basis_ratio"):
+            value = getattr(self, key)
+            if isinstance(value, (tuple, list)) and len(value) == count > 1:
+                setattr(self, key, type(value)(value[i] for i in used))
+        self.weights = nn.ParameterList([self.weights[i] for i in used])
+        self._reserved = {names[i]: self._reserved[names[i]] for i in used}
+        self.cell_shapes = [self.cell_shapes[i] for i in used]
+        renumber = {old: new for new, old in enumerate(used)}
+        for layer in layers:
+            layer.warehouse_id = renumber[layer.warehouse_id]
+        return [name for i, name in enumerate(names) if i not in renumber]
+
     def forward(self, x: Any) -> Any:
         """Identity: the manager only holds cells, but as the last child of an ``nn.Sequential``
         model it is called with the model's output and must hand it on unchanged."""
@@ -479,8 +518,9 @@ class KWConv2d(DynamicConv2dBase):
         at spatial tap ``s`` (the official layout).
         """
         bank = self.warehouse_manager_ref.take_cell(self.warehouse_id)
-        cells = mix_kernels(attention, bank)
-        c_out, c_in = bank.shape[1], bank.shape[2]
+        # mix_kernels, with the cell shape from the manager (under FX the bank's shape is traced)
+        c_out, c_in = self.warehouse_manager_ref.cell_shapes[self.warehouse_id]
+        cells = attention @ bank.reshape(self.attention.num_cells, -1)
         batch = attention.shape[0] // self.num_mixtures
         cells = cells.reshape(batch, self.blocks_spatial, self.blocks_out, self.blocks_in, c_out, c_in)
         cells = cells.permute(0, 2, 4, 3, 5, 1)
@@ -493,6 +533,11 @@ class KWConv2d(DynamicConv2dBase):
                 "(dynconv.convert does this)"
             )
         attention = self.attention(x)
+        if is_fx_tracing():
+            # Traced through rather than a leaf: the bank is read here as a parameter of the model root
+            # (``warehouse_manager.weights.N``), which keeps it in the traced module's parameters.
+            return _traced_conv(x, self.kernel(attention), self.bias, self.stride, self.padding, self.dilation,
+                                self.groups)
         if self._contracts_cells(x):
             out = cell_conv2d(x, self.mixture_cells(attention), (self.blocks_out, self.blocks_in), self.kernel_size,
                               self.stride, self.padding, self.dilation, rebuild=lambda: self.mixture_cells(attention))
@@ -512,7 +557,7 @@ class KWConv2d(DynamicConv2dBase):
         """Whether this call convolves with the cells directly (:func:`cell_conv2d`): on the matmul path
         with several taps, in plain fp32 eager mode (no autocast, compile or export), without groups."""
         if (self.groups != 1 or self.blocks_spatial == 1 or isinstance(self.padding, str)
-                or torch.is_autocast_enabled(x.device.type) or tracing()):
+                or autocast_enabled(x.device.type) or tracing()):
             return False
         return choose_path_for(x, self.kernel_size, self.stride, self.padding, self.groups) == "matmul"
 
@@ -552,7 +597,7 @@ class KWLinear(nn.Module):
         shape = x.shape
         tokens = x.reshape(shape[0], -1, shape[-1]).transpose(1, 2).unsqueeze(-1)  # (B, C_in, L, 1)
         y = self.conv(tokens).squeeze(-1).transpose(1, 2)
-        return y.reshape(*shape[:-1], self.out_features)
+        return y.reshape(shape[:-1] + (self.out_features,))  # (not *shape: FX cannot unpack a traced shape)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -624,7 +669,7 @@ def _mobilenetv2_plan(model: nn.Module, sites: List[ConvSite], half: bool) -> Li
             entries.append((s.name, f"stage{stage}_layer{layer}_{suffix[s.role]}", "conv"))
         elif s.role == "head":
             entries.append((s.name, f"stage{kw_stage[-1]}_layer{layer_idx}_pwconv1", "conv"))
-        elif s.role == "classifier" and half:
+        elif s.role == "classifier" and half and isinstance(get_submodule(model, s.name), nn.Linear):
             entries.append((s.name, "classifier", "linear"))
     return entries
 
@@ -721,6 +766,8 @@ def convert_kernelwarehouse(
         entries = _mobilenetv2_plan(model, sites, half=plan == "mobilenetv2_1d2x")
         if plan == "mobilenetv2_1d2x":
             options.update(_MBV2_1D2X)
+            if not any(kind == "linear" for *_, kind in entries):  # num_classes=0: no classifier warehouse
+                options.update({k: v[:-1] for k, v in _MBV2_1D2X.items() if isinstance(v, tuple) and len(v) > 1})
     elif backbone == CONVNEXT:
         entries = _convnext_plan(model, sites)
     else:
