@@ -139,3 +139,18 @@ def test_batch_one_inference_runs_plain_convs(conv, monkeypatch):
         batched = model(x)
     assert "plain" not in chosen
     torch.testing.assert_close(single, batched, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,conv,layer", [("resnet18", "odconv_4x", "ODConv2d"), ("resnet18", "dcd", "DCDConv2d"),
+                                             ("mobilenetv2_050", "kw_1d2x", "KWConv2d"),
+                                             ("resnet18", "dgc", "DGCConv2d")])
+def test_torchscript_refuses_with_the_layer_named(arch, conv, layer):
+    model = dynconv.create_model(arch, conv, num_classes=3).eval()
+    with pytest.raises(RuntimeError, match=rf"^{layer} cannot be compiled with TorchScript"):
+        torch.jit.script(model)
+
+
+def test_torchscript_still_scripts_the_attention_baselines():
+    model = dynconv.create_model("resnet18", "se", num_classes=3).eval()
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.allclose(torch.jit.script(model)(x), model(x), atol=1e-6)

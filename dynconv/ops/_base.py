@@ -12,6 +12,14 @@ Padding = Union[str, IntOrPair]
 T = TypeVar("T", bound="DynamicConv2dBase")
 
 
+def refuse_scripting(module: nn.Module) -> nn.Module:
+    """``__prepare_scriptable__`` of dynconv's layers: TorchScript cannot compile their data-dependent
+    paths, and ``torch.jit.script`` would otherwise fail deep inside with no layer named."""
+    raise RuntimeError(
+        f"{type(module).__name__} cannot be compiled with TorchScript (torch.jit.script); use torch.compile, "
+        "torch.export, FX or ONNX export instead (torch.jit.trace also works, for a fixed input shape)")
+
+
 class DynamicConv2dBase(nn.Module):
     """Holds the ``nn.Conv2d`` hyper-parameters and the ``from_conv`` constructor.
 
@@ -42,6 +50,8 @@ class DynamicConv2dBase(nn.Module):
         self.padding = padding if isinstance(padding, str) else _pair(padding)
         self.dilation = _pair(dilation)
         self.groups = groups
+
+    __prepare_scriptable__ = refuse_scripting
 
     # Child modules holding the layer's attention / routing branch (for MAC accounting).
     attention_children: Tuple[str, ...] = ("attention",)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import DynamicConv2dBase, IntOrPair, Padding
+from ._base import DynamicConv2dBase, IntOrPair, Padding, refuse_scripting
 from ._norm import SafeBatchNorm1d, SafeBatchNorm2d
 
 
@@ -156,6 +156,8 @@ class DCDConv2d(DynamicConv2dBase):
 class DCDLinear(nn.Module):
     """DCD's dynamic classifier (official ``DYCls``): ``Lambda(x) * cls(x) + P(BN(Phi(x) Q x) + Q x)``
     with ``Q``, ``P`` of latent width 32 and a 32-wide attention."""
+
+    __prepare_scriptable__ = refuse_scripting
 
     def __init__(self, in_features: int, out_features: int, latent_dim: int = 32, squeeze: int = 32) -> None:
         super().__init__()

@@ -38,7 +38,7 @@ from torch.fx._symbolic_trace import is_fx_tracing
 
 from ..backbones import CONVNEXT, GENERIC, MOBILENETV2, RESNET, ConvSite, get_submodule, set_submodule
 from ..schedules import warehouse_mixing
-from ._base import DynamicConv2dBase, IntOrPair, Padding
+from ._base import DynamicConv2dBase, IntOrPair, Padding, refuse_scripting
 from ._norm import SafeBatchNorm1d
 from ._recompute import tracing
 from ._routing import TemperatureScheduled, global_pool
@@ -580,6 +580,8 @@ class KWLinear(nn.Module):
     read as ``B`` samples of ``L`` tokens (every dim between the first and the last), the attention
     pools over the tokens. Parameters sit under ``.conv`` (``classifier.conv.attention.fc1.weight``).
     """
+
+    __prepare_scriptable__ = refuse_scripting
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, **kwargs: Any) -> None:
         super().__init__()
