@@ -59,7 +59,8 @@ def probe_eval(ckpt: Path, temperatures: List[float], batch_stats: str, override
     cfg = compose_config(overrides, ROOT / "runs" / "probe_eval")
     data = build_data(cfg.data, cfg.recipe.aug)
     # shuffled (the validation set is stored class by class), so a batch's statistics mix the classes
-    val = torch.utils.data.DataLoader(data.val, batch_size=100, shuffle=True, generator=torch.Generator().manual_seed(0))
+    val = torch.utils.data.DataLoader(data.val, batch_size=100, shuffle=True,
+                                      generator=torch.Generator().manual_seed(0))
     model = build_model(cfg.model, cfg.conv, data.num_classes)
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     model.load_state_dict(state["model"])
