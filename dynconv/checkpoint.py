@@ -16,13 +16,14 @@ import random
 import re
 import uuid
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 from typing import IO, Any, Callable, ContextManager, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import nn
+
+from ._compat import safe_globals
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -152,8 +153,7 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
 
 def _allow_namespace() -> ContextManager:
     # torch < 2.5 (the torch 2.1 of an mmdet environment) has no safe_globals: such files then stay refused
-    safe_globals = getattr(torch.serialization, "safe_globals", None)
-    return safe_globals([argparse.Namespace]) if safe_globals else nullcontext()
+    return safe_globals([argparse.Namespace])
 
 
 def _load_safetensors(path: Path, map_location: Any) -> Dict[str, Any]:

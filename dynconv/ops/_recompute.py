@@ -12,13 +12,15 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
+from .._compat import autocast_dtype, autocast_enabled, is_compiling, is_exporting
+
 Recipe = Callable[[], torch.Tensor]
 
 
 def tracing() -> bool:
     """Whether a compiler or exporter is tracing this call: eager-only machinery (storage-keyed recipes,
     custom autograd Functions with in-place loops) steps aside, and the compiler plans its own."""
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    return is_compiling() or is_exporting()
 
 
 class KernelRecipes:
@@ -54,7 +56,7 @@ def rebuilt_in_backward(recipes: KernelRecipes, device: torch.device) -> Iterato
         yield
         return
     device_type = device.type
-    autocast = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    autocast = autocast_enabled(device_type), autocast_dtype(device_type)
 
     def pack(saved: torch.Tensor):
         recipe = recipes.get(saved) if saved.device.type == device_type else None

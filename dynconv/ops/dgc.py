@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._compat import is_compiling
 from ..schedules import dgc_pruning
 from ._base import DynamicConv2dBase, IntOrPair, Padding
 from .functional import conv_patches, per_sample_conv2d
@@ -83,7 +84,7 @@ def gate(saliency: torch.Tensor, inactive: int) -> torch.Tensor:
 def _contiguous_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a * b`` written straight into a contiguous tensor when ``a`` is a strided view (one pass
     instead of a product that keeps ``a``'s strides plus a copy); autograd cannot use ``out=``."""
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+    if is_compiling() or (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
         return (a * b).contiguous()
     out = torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=a.dtype, device=a.device)
     return torch.mul(a, b, out=out)
@@ -216,7 +217,7 @@ class DGCConv2d(DynamicConv2dBase):
         whole rows, and the gathered rows are a matrix the sparse matmul reads transposed for free.
         Without autograd it is cached until a head's weight changes (on late layers rebuilding it
         would take as long as the convolution)."""
-        if torch.compiler.is_compiling() or (
+        if is_compiling() or (
                 torch.is_grad_enabled() and any(h.conv.weight.requires_grad for h in self.head_modules())):
             return self._by_input_channel()  # (a compiled graph computes it inside the graph)
         key = tuple((h.conv.weight.data_ptr(), h.conv.weight._version) for h in self.head_modules())

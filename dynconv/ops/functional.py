@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from .._compat import is_exporting
 from ._recompute import KernelRecipes, rebuilt_in_backward, tracing
 
 Padding = Union[str, Sequence[int]]
@@ -81,7 +82,7 @@ def choose_path(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], pa
 def choose_path_for(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Padding,
                     groups: int) -> str:
     """:func:`choose_path` from the kernel size alone (for layers that never assemble the kernels)."""
-    if torch.compiler.is_exporting():
+    if is_exporting():
         return "matmul"
     if _forced_path is not None:
         return _forced_path

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._compat import is_compiling, is_exporting
 from ..backbones import CONVNEXT, MOBILENETV2, RESNET, ConvSite, get_submodule, set_submodule
 from ._base import DynamicConv2dBase, IntOrPair, Padding
 
@@ -196,7 +197,7 @@ class InceptionConv2d(DynamicConv2dBase):
         """The packs the forward runs for an input like ``x`` (cached per size bucket and device)."""
         h, w = x.shape[-2:]
         # an exported graph keeps one plan for every batch size (reading the batch would fix it): batch 1's
-        batch = 1 if torch.compiler.is_exporting() else x.shape[0]
+        batch = 1 if is_exporting() else x.shape[0]
         out_px = batch * self._out_size(h, 0) * self._out_size(w, 1)
         rebuild = self._needs_grad()
         key = (self.impl, x.device, x.dtype, rebuild, round(math.log2(max(out_px, 1))), min(h, 64), min(w, 64))
@@ -246,7 +247,7 @@ class InceptionConv2d(DynamicConv2dBase):
         weights = [self.conv_list[i].weight for i in pack.members]
         if pack.slices is None:
             return weights[0]
-        if self._needs_grad() or torch.compiler.is_compiling():  # a compiled graph builds it in the graph
+        if self._needs_grad() or is_compiling():  # a compiled graph builds it in the graph
             return _embed(weights, pack)
         # Without autograd the packed kernel only changes with the parameters: reuse it.
         stamp = tuple((w.data_ptr(), w._version, w.dtype) for w in weights)

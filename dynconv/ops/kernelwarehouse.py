@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.fx._symbolic_trace import is_fx_tracing
 
+from .._compat import autocast_enabled
 from ..backbones import CONVNEXT, GENERIC, MOBILENETV2, RESNET, ConvSite, get_submodule, set_submodule
 from ..schedules import warehouse_mixing
 from ._base import DynamicConv2dBase, IntOrPair, Padding, refuse_scripting
@@ -556,7 +557,7 @@ class KWConv2d(DynamicConv2dBase):
         """Whether this call convolves with the cells directly (:func:`cell_conv2d`): on the matmul path
         with several taps, in plain fp32 eager mode (no autocast, compile or export), without groups."""
         if (self.groups != 1 or self.blocks_spatial == 1 or isinstance(self.padding, str) or x.is_meta
-                or torch.is_autocast_enabled(x.device.type) or tracing()):
+                or autocast_enabled(x.device.type) or tracing()):
             return False
         return choose_path_for(x, self.kernel_size, self.stride, self.padding, self.groups) == "matmul"
 

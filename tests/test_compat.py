@@ -1,0 +1,148 @@
+"""dynconv._compat: on this torch its functions must agree with torch's own, and its fallbacks (what torch
+2.1, the mmdet environment's torch, runs) must agree with them too.
+
+The fallbacks are exercised here by importing a copy of the module on a stand-in ``torch`` that hides the
+newer entry points (``torch.compiler.is_compiling`` / ``is_exporting``, ``torch.get_autocast_dtype``, the
+``device_type`` argument of ``torch.is_autocast_enabled``), the way torch 2.1 presents itself; the mmdet CI
+stage (``scripts/mmdet_stage.py``) runs the real thing on torch 2.1.2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+
+from dynconv import _compat
+
+MODERN = hasattr(torch, "get_autocast_dtype") and hasattr(torch.compiler, "is_exporting")
+
+
+def _states():
+    """Autocast states to compare in: off, CPU bfloat16, CPU float16 (where CPU autocast takes it)."""
+    yield "off", torch.autocast("cpu", enabled=False)
+    yield "cpu-bf16", torch.autocast("cpu", dtype=torch.bfloat16)
+    yield "cpu-bf16-nested-off", _nested_off()
+
+
+class _nested_off:
+    def __enter__(self):
+        self._outer = torch.autocast("cpu", dtype=torch.bfloat16)
+        self._inner = torch.autocast("cpu", enabled=False)
+        self._outer.__enter__()
+        self._inner.__enter__()
+
+    def __exit__(self, *exc):
+        self._inner.__exit__(*exc)
+        self._outer.__exit__(*exc)
+
+
+def _torch_enabled(device_type: str) -> bool:
+    """torch's own answer: the device_type API (2.4+), else the per-device functions of torch 2.1."""
+    if MODERN:
+        return torch.is_autocast_enabled(device_type)
+    return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def _torch_dtype(device_type: str) -> torch.dtype:
+    if MODERN:
+        return torch.get_autocast_dtype(device_type)
+    return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_autocast_queries_agree_with_torch(device_type):
+    for name, state in _states():
+        with state:
+            assert _compat.autocast_enabled(device_type) == _torch_enabled(device_type), name
+            assert _compat.autocast_dtype(device_type) == _torch_dtype(device_type), name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _compat.autocast_enabled("cpu") and _compat.autocast_dtype("cpu") == torch.bfloat16
+        assert not _compat.autocast_enabled("cuda")
+    assert not _compat.autocast_enabled("cpu")
+
+
+@pytest.mark.skipif(not MODERN, reason="torch.compiler.is_compiling / is_exporting are torch 2.5+ here")
+def test_compile_and_export_queries_are_torchs_own():
+    assert _compat.is_compiling is torch.compiler.is_compiling
+    assert _compat.is_exporting is torch.compiler.is_exporting
+    assert not _compat.is_compiling() and not _compat.is_exporting()
+
+
+class _Torch21(types.ModuleType):
+    """``torch`` as torch 2.1 presents it to ``dynconv._compat``: no ``torch.compiler.is_compiling`` /
+    ``is_exporting``, no ``torch.get_autocast_dtype``, and ``torch.is_autocast_enabled()`` without the
+    ``device_type`` argument (CUDA only); everything else is this torch's."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.compiler = types.SimpleNamespace(**{k: v for k, v in vars(torch.compiler).items()
+                                                 if k not in ("is_compiling", "is_exporting")})
+
+    def __getattr__(self, name: str):
+        if name == "get_autocast_dtype":
+            raise AttributeError(name)
+        if name == "is_autocast_enabled":
+            return lambda: torch.is_autocast_enabled("cuda")
+        return getattr(torch, name)
+
+
+@pytest.fixture
+def old_torch(monkeypatch):
+    """A copy of ``dynconv._compat`` imported on :class:`_Torch21` (the real module is left alone)."""
+    if not MODERN:
+        return _compat
+    import torch._dynamo  # noqa: F401  (the fallback imports it; the stand-in has no submodules of its own)
+
+    monkeypatch.setitem(sys.modules, "torch", _Torch21())
+    spec = importlib.util.spec_from_file_location("dynconv._compat_torch21", _compat.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    return module
+
+
+@pytest.mark.skipif(not MODERN, reason="compared with the device_type API of torch 2.5+")
+def test_fallbacks_agree_with_torch(old_torch):
+    assert old_torch.is_compiling is not getattr(torch.compiler, "is_compiling", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name, state in _states():
+            with state:
+                for device_type in ("cpu", "cuda"):
+                    assert old_torch.autocast_enabled(device_type) == torch.is_autocast_enabled(device_type), name
+                    assert old_torch.autocast_dtype(device_type) == torch.get_autocast_dtype(device_type), name
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert old_torch.autocast_enabled("cpu") and not old_torch.autocast_enabled("cuda")
+        assert not old_torch.autocast_enabled("not-a-device")
+    assert old_torch.is_compiling() is False and old_torch.is_exporting() is False
+
+
+def test_dynamo_fallback_sees_a_compiled_call(old_torch):
+    """torch < 2.3's is_compiling is torch._dynamo's flag: True inside a compiled function."""
+
+    def f(x):
+        return x + 1 if old_torch.is_compiling() else x - 1
+
+    x = torch.zeros(2)
+    assert torch.equal(f(x), x - 1)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="eager", fullgraph=False)
+    assert torch.equal(compiled(x), x + 1)
+    torch._dynamo.reset()
+
+
+def test_safe_globals_allows_the_class_and_falls_back_to_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "ns.pt"
+    torch.save({"args": argparse.Namespace(lr=0.1)}, path)
+    if hasattr(torch.serialization, "safe_globals"):
+        with _compat.safe_globals([argparse.Namespace]):
+            assert torch.load(path, weights_only=True)["args"].lr == 0.1
+    monkeypatch.delattr(torch.serialization, "safe_globals", raising=False)
+    with _compat.safe_globals([argparse.Namespace]):  # torch < 2.5: a no-op, the file stays refused
+        with pytest.raises(Exception, match="Namespace|[Ww]eights only"):
+            torch.load(path, weights_only=True)
