@@ -190,6 +190,7 @@ class DetectionTrainer(Trainer):
 
     def validate(self) -> Dict[str, float]:
         t = self.cfg.trainer
+        self._sync_buffers()
         kwargs = dict(device=self.device, types=iou_types(self.cfg.detector.name), amp=t.amp,
                       limit=t.limit_eval_batches)
         set_progress(self.module, self.schedule_progress())

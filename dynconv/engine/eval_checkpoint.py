@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import time
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
@@ -133,6 +134,13 @@ def run_eval(cfg: Any) -> Dict[str, Any]:
     metrics = evaluate(model, loader, device=device, amp=t.amp, channels_last=t.channels_last,
                        limit=t.limit_eval_batches)
     elapsed = time.perf_counter() - start
+    if not math.isfinite(metrics["loss"]):
+        from .trainer import NonFiniteLossError, first_non_finite
+
+        bad = first_non_finite(model)
+        where = f" ({bad} holds a NaN or infinity)" if bad else ""
+        raise NonFiniteLossError(f"non-finite evaluation loss ({metrics['loss']}) with "
+                                 f"{cfg.checkpoint or 'a fresh model'}{where}: these weights cannot be scored")
     result = {
         "model": cfg.model.name, "conv": cfg.conv.name, "checkpoint": cfg.checkpoint, "loaded": loaded,
         "top1": round(metrics["top1"], 3), "top1_err": round(100 - metrics["top1"], 3),

@@ -31,16 +31,28 @@ from ..data import build_loader
 from ..malloc import reuse_freed_memory
 from .builders import build_data, build_mixup_and_loss, build_model, loader_workers
 from .config import validate
-from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
 from .evaluate import autocast, evaluate, to_channels_last, to_device
 from .optim import apply_schedule, build_optimizer, build_scheduler, current_lr, scaled_lr
+from .run_guard import RunDirectoryBusy, RunLock, check_resume, remove_orphan_temp_files
 from .run_logging import Progress, RunLogger
 
 CHECKPOINT_FORMAT = 1
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The (all-reduced) training loss is NaN or infinite."""
+    """The (all-reduced) training loss is NaN or infinite, or the model's weights or statistics are."""
+
+
+def first_non_finite(*modules: Optional[nn.Module]) -> Optional[str]:
+    """The name of the first parameter or buffer holding a NaN or infinity, or None."""
+    for module in modules:
+        if module is None:
+            continue
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return name
+    return None
 
 
 def plain_config(cfg: Any) -> Dict[str, Any]:
@@ -84,8 +96,7 @@ class Trainer:
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
         self.run_dir = Path(cfg.run_dir)
-        if info.is_primary:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = self._lock_run_dir()
         self._setup_batches()
         self._setup_data()
         self._setup_model()
@@ -97,6 +108,28 @@ class Trainer:
         self.mixup, self.criterion = self._build_objectives()
         self.checkpoints = CheckpointManager(self.run_dir, is_primary=info.is_primary)
         self.global_step, self.best_score, self.nan_skips = 0, -math.inf, 0
+        self.epoch_loss = [0.0, 0]  # sum and count of this epoch's step losses (kept across a resume)
+
+    def _lock_run_dir(self) -> Optional[RunLock]:
+        """Rank 0 holds the run directory for the run's life; a second writer stops at once, naming the first.
+        Temp files of checkpoint writes that a kill interrupted are removed."""
+        lock, busy = None, None
+        if self.info.is_primary:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                lock = RunLock(self.run_dir).acquire()
+                remove_orphan_temp_files(self.run_dir)
+            except RunDirectoryBusy as err:
+                busy = str(err)
+        busy = broadcast_object(busy)
+        if busy:
+            raise RunDirectoryBusy(busy)
+        return lock
+
+    def close(self) -> None:
+        """Release the run directory."""
+        if self.lock is not None:
+            self.lock.release()
 
     # ---------------------------------------------------------------------------------------- setup
     def _setup_batches(self) -> None:
@@ -191,12 +224,39 @@ class Trainer:
             "ema": self.ema.module.state_dict() if self.ema else None,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None, "rng": _gather_rng(),
+            "epoch_loss": list(self.epoch_loss),
         }
 
     def save(self, name: str) -> None:
+        """Write ``<name>.pt``; never a checkpoint with a NaN or infinity in its weights or statistics."""
+        self._sync_buffers()
+        bad = first_non_finite(self.module, self.ema.module if self.ema else None)
+        if bad is not None:
+            raise NonFiniteLossError(f"non-finite values in {bad} at step {self.global_step}: {name}.pt not "
+                                     f"written ({self._kept()}). {self._advice()}")
         state = self.state()
         self.checkpoints.save(name, state)
         barrier()
+
+    def _sync_buffers(self) -> None:
+        """Every rank takes rank 0's buffers (BatchNorm statistics, in the EMA copy too): each rank updated
+        them on its own batches since DDP's last broadcast, and the checkpoint holds rank 0's."""
+        if not self.info.distributed:
+            return
+        for module in (self.module, self.ema.module if self.ema else None):
+            for buffer in (module.buffers() if module is not None else ()):
+                torch.distributed.broadcast(buffer, 0)
+
+    def _kept(self) -> str:
+        last = self.checkpoints.path("last")
+        return f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+
+    def _advice(self) -> str:
+        lr = self.cfg.recipe.optimizer.lr
+        return (f"Lower the learning rate or clip the gradients, e.g. recipe.optimizer.lr={lr / 10:g} or "
+                f"recipe.grad_clip=1.0, and run again: resuming needs trainer.resume_changes=[recipe.optimizer.lr] "
+                f"or [recipe.grad_clip]; if the last checkpoint has diverged already, start a new run directory "
+                f"(or trainer.resume=never after removing it); or use trainer.nan_policy=skip")
 
     def resume(self) -> Optional[Path]:
         """Load the run's ``last.pt`` (or ``trainer.resume``'s path); None when starting fresh."""
@@ -224,15 +284,24 @@ class Trainer:
             if meta.get(key) != now:
                 raise CheckpointError(f"{path} was written with {key}={meta.get(key)}, this run has {now}: "
                                       f"resume with the same recipe.batch_size and data, or use another run_dir")
+        changed = []
+        if isinstance(state.get("config"), dict):
+            changed = check_resume(state["config"], plain_config(self.cfg), self.cfg.trainer.resume_changes, path)
+        if changed and self.info.is_primary:
+            print(f"  resuming with changed {', '.join(changed)} (trainer.resume_changes)", flush=True)
         self.module.load_state_dict(state["model"])
         if self.ema is not None and state.get("ema") is not None:
             self.ema.module.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if not {"recipe.epochs", "recipe.optimizer.lr"} & set(changed):
+            self.scheduler.load_state_dict(state["scheduler"])
+        # else the schedule is rebuilt for the new length or rate: it is a pure function of the position
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.global_step = int(state["global_step"])
         self.best_score = float(state.get("best_score", state.get("best_top1", -math.inf)))
+        loss_sum, count = state.get("epoch_loss") or (0.0, 0)
+        self.epoch_loss = [float(loss_sum), int(count)]
         rngs = state["rng"]
         set_rng_state(rngs[self.info.rank] if len(rngs) == self.info.world_size else rngs[0])
 
@@ -284,16 +353,15 @@ class Trainer:
             if self.info.is_primary:
                 print(f"warning: {where}; step skipped ({self.nan_skips}/{t.max_nan_skips} in a row)", flush=True)
             return False
-        last = self.checkpoints.path("last")
-        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-        raise NonFiniteLossError(f"{where}: stopping ({kept}). Lower recipe.optimizer.lr, enable "
-                                 f"recipe.grad_clip, or use trainer.nan_policy=skip")
+        raise NonFiniteLossError(f"{where}: stopping ({self._kept()}). {self._advice()}")
 
     def train_step(self, group: List[Tuple[torch.Tensor, torch.Tensor]], epoch: int) -> Optional[float]:
         """One optimizer update over ``group``; returns the loss averaged over ranks (None if skipped)."""
         set_progress(self.module, self.schedule_progress())
         apply_schedule(self.scheduler, epoch, self.global_step)
         self.model.train()
+        # a skipped step must leave the BatchNorm statistics too as they were: its forward updated them
+        before = [b.clone() for b in self.module.buffers()] if self.cfg.trainer.nan_policy == "skip" else None
         total = torch.zeros(1, device=self.device)
         for i, (images, targets) in enumerate(group):
             total += self._forward_backward(images, targets, sync=i == len(group) - 1)
@@ -301,6 +369,10 @@ class Trainer:
         take = self._check_finite(loss, epoch)
         if take:
             self._optimizer_step()
+        elif before is not None:
+            with torch.no_grad():
+                for buffer, kept in zip(self.module.buffers(), before):
+                    buffer.copy_(kept)
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         return loss if take else None
@@ -324,7 +396,8 @@ class Trainer:
         t = self.cfg.trainer
         start = self.global_step - epoch * self.updates_per_epoch
         images_per_update = self.batch_size * self.accum_steps * self.info.world_size
-        losses: List[float] = []
+        if start == 0:
+            self.epoch_loss = [0.0, 0]
         bar = Progress(self.updates_per_epoch, description=f"epoch {epoch + 1}/{self.cfg.recipe.epochs}",
                        enabled=self.info.is_primary and t.progress, log_every=t.log_interval, start=start)
         with bar:
@@ -334,7 +407,7 @@ class Trainer:
                 now = time.perf_counter()
                 speed, tick = images_per_update / (now - tick), now
                 if loss is not None:
-                    losses.append(loss)
+                    self.epoch_loss = [self.epoch_loss[0] + loss, self.epoch_loss[1] + 1]
                 done = self.global_step - epoch * self.updates_per_epoch
                 bar.update(done, loss=loss if loss is not None else float("nan"), img_s=speed,
                            lr=current_lr(self.optimizer))
@@ -345,10 +418,11 @@ class Trainer:
                 if t.checkpoint_interval and self.global_step % t.checkpoint_interval == 0 \
                         and done < self.updates_per_epoch:
                     self.save("last")
-        return sum(losses) / max(len(losses), 1)
+        return self.epoch_loss[0] / max(self.epoch_loss[1], 1)
 
     def validate(self) -> Dict[str, float]:
         t = self.cfg.trainer
+        self._sync_buffers()  # every rank scores, and the checkpoint holds, the same statistics
         kwargs = dict(device=self.device, amp=t.amp, channels_last=t.channels_last, limit=t.limit_eval_batches)
         progress = self.schedule_progress()  # the schedules where the checkpoint leaves them
         set_progress(self.module, progress)
@@ -374,12 +448,17 @@ class Trainer:
                 train_loss = self.train_epoch(epoch, logger)
                 row = {"epoch": epoch + 1, "train_loss": train_loss, **self.validate(),
                        "lr": current_lr(self.optimizer), "epoch_time_s": time.perf_counter() - tick}
+                if not math.isfinite(row.get("eval_loss", 0.0)):
+                    raise NonFiniteLossError(f"non-finite evaluation loss ({row['eval_loss']}) after epoch {epoch + 1}: "
+                                             f"no checkpoint written for it ({self._kept()}). {self._advice()}")
                 improved = row[self.score_key] > self.best_score
                 self.best_score = max(self.best_score, row[self.score_key])
-                self.save("last")
+                # best.pt and the epoch's row before last.pt moves on: a kill in between repeats the epoch
+                # (exactly) on resume instead of losing its row or its best checkpoint
                 if improved:
                     self.save("best")
                 logger.log_epoch(row, step=self.global_step)
+                self.save("last")
                 self._print_epoch(row)
             summary = self._summary()
             logger.set_summary(**summary)
@@ -452,7 +531,11 @@ def train(cfg: Any) -> Dict[str, Any]:
     info = init_distributed(cfg.trainer.device)
     if cfg.trainer.reuse_freed_memory:
         reuse_freed_memory(info.device)
+    trainer = None
     try:
-        return cls(cfg, info).fit()
+        trainer = cls(cfg, info)
+        return trainer.fit()
     finally:
+        if trainer is not None:
+            trainer.close()
         shutdown()
