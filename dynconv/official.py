@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from .backbones import CONVNEXT, MOBILENETV2, RESNET, detect_backbone
+from .ops._routing import schedule_state_keys
 from .ops.dgc import DGCConv2d
 from .registry import get_variant
 from .schedules import set_progress
@@ -237,7 +238,10 @@ def official_names(model: nn.Module) -> Dict[str, str]:
     layout = _layout(model)
     out: Dict[str, str] = {}
     seen: Dict[str, str] = {}
+    skip = schedule_state_keys(model)
     for key in model.state_dict():
+        if key in skip:  # dynconv's schedule state: not in any official file
+            continue
         official = layout.official_key(key)
         if official in seen:  # a bug in the rename table, never a user error
             raise RuntimeError(f"{key!r} and {seen[official]!r} both map to official {official!r}")
@@ -401,7 +405,10 @@ def export_official(model: nn.Module, format: Optional[str] = None) -> Dict[str,
     if format not in FORMATS:
         raise ValueError(f"unknown official format {format!r}; choose one of: {', '.join(FORMATS)}")
     state: Dict[str, torch.Tensor] = {}
+    skip = schedule_state_keys(model)
     for key, value in model.state_dict().items():
+        if key in skip:
+            continue
         official = layout.official_key(key)
         state[official] = value.detach().cpu().clone().reshape(layout.official_shape(official, value.shape))
     if format in (ODCONV, DGC):

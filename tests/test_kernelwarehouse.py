@@ -356,7 +356,10 @@ def test_state_dict_has_official_keys_and_no_aliases():
     assert tuple(state["layer1.0.conv1.attention.fc1.weight"].shape) == (16, 64)
     assert tuple(state["layer1.0.conv1.attention.fc2.weight"].shape) == (513, 16)
     assert tuple(state["layer4.0.conv2.attention.fc2.weight"].shape) == (252, 32)
-    assert not any("temp_bias" in k or "temperature" in k for k in state)
+    # tau is schedule state, saved since issue 17 (temp_bias follows from the cell assignment); the official
+    # layout has neither
+    assert not any("temp_bias" in k for k in state) and "layer1.0.conv1.attention.temperature" in state
+    assert not any("temp_bias" in k or "temperature" in k for k in dynconv.export_official(model)["model"])
     assert all(k.startswith("warehouse_manager.weights.") for k in state if "warehouse_manager" in k)
     ptrs = [v.data_ptr() for v in state.values() if v.numel()]
     assert len(ptrs) == len(set(ptrs))

@@ -94,4 +94,11 @@ def test_temperature_changes_the_output_and_survives_state_dict_round_trip():
         dynconv.set_progress(model, 0.0)
         y_start = model(x)
     assert not torch.allclose(y_end, y_start)
-    assert not any("temperature" in k for k in model.state_dict())  # official layout: not saved
+    # issue 17: the schedule state is saved (a mid-schedule model reloads as it was), the official layout is not
+    state = model.state_dict()
+    assert state["layer1.0.conv1.attention.temperature"] == 30.0
+    fresh = dynconv.create_model("resnet18", "odconv_4x", num_classes=10).eval()
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), y_start)
+    assert not any("temperature" in k for k in dynconv.export_official(model)["state_dict"])
