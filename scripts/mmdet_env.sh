@@ -52,6 +52,12 @@ mkdir -p "$CACHE"
 exec 9>"$ENV.lock"
 flock 9
 
+if [ -e "$LINK" ] && [ ! -L "$LINK" ]; then
+  log "$ROOT/$LINK exists and is not a link to the cached environment (an environment made by hand?):"
+  log "move or remove it, then run this again"
+  exit 1
+fi
+
 link_and_install_dynconv() {
   ln -sfn "$ENV" "$LINK"
   # dynconv itself, editable and without dependencies: its pyproject names the development torch
@@ -100,8 +106,10 @@ mmcv_from_index() {
   [ -n "$torch_cuda" ] && variant="cu${torch_cuda//./}"
   local url="https://download.openmmlab.com/mmcv/dist/$variant/torch$torch_mm.0/index.html"
   log "mmcv: trying OpenMMLab's prebuilt wheel ($url)"
-  "${PIP[@]}" install --timeout 15 --retries 1 --no-index --only-binary=:all: \
-    --find-links "$url" "mmcv==$MMCV_VERSION" && "${PIP[@]}" install "${MMCV_PINS[@]}"
+  # the wheel alone from OpenMMLab's index (--no-deps: its dependencies come from PyPI, next)
+  "${PIP[@]}" install --timeout 15 --retries 1 --no-index --no-deps --only-binary=:all: \
+    --find-links "$url" "mmcv==$MMCV_VERSION" || return 1
+  "${PIP[@]}" install "mmcv==$MMCV_VERSION" "${MMCV_PINS[@]}"
 }
 
 mmcv_from_source() {
