@@ -10,7 +10,8 @@ written against today's API, and each fallback is chosen once, at import time.
   batch-independent export paths are for the ``torch.export`` / dynamo ONNX exporters of that torch.
 - :func:`autocast_enabled` / :func:`autocast_dtype`: ``torch.is_autocast_enabled(device_type)`` and
   ``torch.get_autocast_dtype(device_type)`` (torch 2.4+); before them, the per-device functions
-  (``torch.is_autocast_enabled()`` for CUDA, ``torch.is_autocast_cpu_enabled()``, ...).
+  (``torch.is_autocast_enabled()`` for CUDA, ``torch.is_autocast_cpu_enabled()``, ...). On both, a device
+  type autocast keeps no state for (``meta``) reads as autocast off, in ``float32``.
 - :func:`safe_globals`: ``torch.serialization.safe_globals`` (torch 2.5+); before it, nothing is
   added to ``torch.load(weights_only=True)``'s allow-list.
 """
@@ -48,7 +49,10 @@ if _takes_device_type():
 
     def autocast_enabled(device_type: str) -> bool:
         """Whether autocast is on for ``device_type`` (``torch.is_autocast_enabled(device_type)``)."""
-        return torch.is_autocast_enabled(device_type)
+        try:
+            return torch.is_autocast_enabled(device_type)
+        except RuntimeError:  # a device type autocast has no state for ("meta"): it never applies there
+            return False
 
 else:
     _ENABLED = {
@@ -67,7 +71,10 @@ if hasattr(torch, "get_autocast_dtype"):
 
     def autocast_dtype(device_type: str) -> torch.dtype:
         """The dtype autocast casts to on ``device_type`` (``torch.get_autocast_dtype(device_type)``)."""
-        return torch.get_autocast_dtype(device_type)
+        try:
+            return torch.get_autocast_dtype(device_type)
+        except RuntimeError:  # no autocast state for this device type ("meta"): no cast
+            return torch.float32
 
 else:
     _DTYPE = {
@@ -79,7 +86,8 @@ else:
 
     def autocast_dtype(device_type: str) -> torch.dtype:
         """The dtype autocast casts to on ``device_type`` (``torch.get_autocast_dtype(device_type)``)."""
-        return _DTYPE.get(device_type, torch.get_autocast_gpu_dtype)()
+        dtype = _DTYPE.get(device_type)
+        return dtype() if dtype is not None else torch.float32
 
 
 def safe_globals(globals_: Iterable[Any]) -> ContextManager:

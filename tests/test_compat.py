@@ -66,6 +66,13 @@ def test_autocast_queries_agree_with_torch(device_type):
     assert not _compat.autocast_enabled("cpu")
 
 
+def test_a_device_without_autocast_state_reads_as_off():
+    """``meta`` tensors (timm's shape-only model checks, tests/test_timm_suite.py) reach the kernel recipes'
+    autocast query (dynconv/ops/_recompute.py), where torch raises for a device type without autocast state."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _compat.autocast_enabled("meta") and _compat.autocast_dtype("meta") == torch.float32
+
+
 @pytest.mark.skipif(not MODERN, reason="torch.compiler.is_compiling / is_exporting are torch 2.5+ here")
 def test_compile_and_export_queries_are_torchs_own():
     assert _compat.is_compiling is torch.compiler.is_compiling
@@ -118,7 +125,8 @@ def test_fallbacks_agree_with_torch(old_torch):
                     assert old_torch.autocast_dtype(device_type) == torch.get_autocast_dtype(device_type), name
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert old_torch.autocast_enabled("cpu") and not old_torch.autocast_enabled("cuda")
-        assert not old_torch.autocast_enabled("not-a-device")
+        for unknown in ("meta", "not-a-device"):  # no autocast state: off, no cast
+            assert not old_torch.autocast_enabled(unknown) and old_torch.autocast_dtype(unknown) == torch.float32
     assert old_torch.is_compiling() is False and old_torch.is_exporting() is False
 
 

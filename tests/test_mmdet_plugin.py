@@ -119,6 +119,7 @@ def test_frozen_stages_and_norm_eval_survive_train(mm):
 
 
 def test_schedule_progress_sets_the_layers(mm):
+    from dynconv.ops._routing import schedule_state_keys
     from dynconv.schedules import scheduled_modules
 
     start = _build(mm, arch="resnet18", conv="odconv_1x", schedule_progress=0.0)
@@ -126,11 +127,31 @@ def test_schedule_progress_sets_the_layers(mm):
     x = torch.randn(1, 3, 32, 32)
     assert scheduled_modules(start.dynconv.body)
     with torch.no_grad():
-        end.load_state_dict(start.state_dict())
+        # the same weights; the schedule state (part of the state dict) stays each model's own
+        keep = schedule_state_keys(end)
+        assert keep
+        end.load_state_dict({k: v for k, v in start.state_dict().items() if k not in keep})
         start.eval(), end.eval()
         assert not torch.allclose(start(x)[0], end(x)[0])  # temperature 30 at epoch 0, 1 at the end
         start.set_progress(1000.0)
         assert torch.allclose(start(x)[0], end(x)[0])
+
+
+def test_schedule_progress_survives_the_checkpoint(mm, checkpoint):
+    """A dynconv checkpoint carries the schedule state its run ended with; the configured progress wins."""
+    from dynconv.schedules import set_progress
+
+    path, _ = checkpoint
+    x = torch.randn(1, 3, 32, 32)
+    start = _build(mm, arch="resnet18", conv="odconv_1x", schedule_progress=0.0,
+                   init_cfg=dict(type="Pretrained", checkpoint=str(path)))
+    start.init_weights()
+    reference = _build(mm, arch="resnet18", conv="odconv_1x", init_cfg=dict(type="Pretrained", checkpoint=str(path)))
+    reference.init_weights()
+    set_progress(reference.dynconv.body, 0.0)
+    with torch.no_grad():
+        start.eval(), reference.eval()
+        assert torch.equal(start(x)[0], reference(x)[0])
 
 
 @pytest.fixture(scope="module")

@@ -88,6 +88,7 @@ class DynconvBackbone(BaseModule):
         if not self.out_indices or any(not 0 <= i < levels for i in self.out_indices):
             raise ValueError(f"DynconvBackbone: out_indices must be a non-empty subset of 0..{levels - 1}, "
                              f"got {tuple(out_indices)}")
+        self.schedule_progress = schedule_progress
         if schedule_progress is not None:
             self.set_progress(schedule_progress)
 
@@ -113,6 +114,10 @@ class DynconvBackbone(BaseModule):
             initialize(self, others)
         for cfg in pretrained:
             self._load_pretrained(cfg)
+        if pretrained and self.schedule_progress is not None:
+            # a dynconv checkpoint carries its schedule state (the temperature where its run stopped):
+            # the configured progress wins over it
+            self.set_progress(self.schedule_progress)
         self.is_init = True
 
     def _load_pretrained(self, cfg: Mapping[str, Any]) -> None:
