@@ -39,6 +39,8 @@ class KernelRecipes:
             self._by_storage[tensor.untyped_storage().data_ptr()] = recipe
 
     def get(self, tensor: torch.Tensor) -> Optional[Recipe]:
+        if not self.enabled:  # also keeps a compiler from tracing ``data_ptr``, which it cannot
+            return None
         return self._by_storage.get(tensor.untyped_storage().data_ptr())
 
 
@@ -52,7 +54,7 @@ def rebuilt_in_backward(recipes: KernelRecipes, device: torch.device) -> Iterato
     Tensors must stay alive while the block runs (their storage address identifies them). Does nothing
     where ``recipes`` is disabled (no autograd, compiling, exporting).
     """
-    if not recipes.enabled:
+    if not recipes.enabled or device.type == "meta":  # meta tensors (timm's default-cfg test): nothing to keep
         yield
         return
     device_type = device.type
