@@ -14,13 +14,13 @@ from dynconv.schedules import attention_temperature, set_schedule, warehouse_mix
 
 
 def odconv_official_temperature(iteration: int, iters_per_epoch: int, temp_epoch=10, temp_init=30.0) -> float:
-    """OSVAI/ODConv main.py (algorithms.md §1.4), evaluated per iteration."""
+    """OSVAI/ODConv main.py (get_temperature, utils/misc.py), evaluated per iteration."""
     total = iters_per_epoch * temp_epoch
     return 1 + max(0.0, (temp_init - 1) * (total - iteration) / total)
 
 
 def kw_official_tau(iteration: int, iters_per_epoch: int, temp_epoch=20, init=1.0, end=0.0) -> float:
-    """OSVAI/KernelWarehouse engine.py (algorithms.md §2.6), evaluated per iteration."""
+    """OSVAI/KernelWarehouse engine.py (get_temperature), evaluated per iteration."""
     total = iters_per_epoch * temp_epoch
     return end + max(0.0, (init - end) * (total - iteration) / max(1, total))
 
