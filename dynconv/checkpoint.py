@@ -294,6 +294,17 @@ def clean_state_dict(state: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def first_non_finite(*modules: Optional[nn.Module]) -> Optional[str]:
+    """The name of the first parameter or buffer holding a NaN or infinity, or None (what must never be saved)."""
+    for module in modules:
+        if module is None:
+            continue
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return name
+    return None
+
+
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
@@ -481,6 +492,7 @@ __all__ = [
     "atomic_write",
     "clean_state_dict",
     "content_checksum",
+    "first_non_finite",
     "load_checkpoint",
     "load_weights",
     "rng_state",

@@ -156,19 +156,19 @@ def test_fdconv_rows_hold_its_flops_as_flops():
 
 def test_malformed_conflicts_name_the_row(tmp_path):
     rows = _rows("paper.csv")
-    rows[0]["conflicts"] = "top1 73.54 (somewhere)"
     path = tmp_path / "paper.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+
+    def write_with(conflicts: str) -> None:
+        rows[0]["conflicts"] = conflicts
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_with("top1 73.54 (somewhere)")
     with pytest.raises(ValueError, match="odconv_resnet18/resnet18/static: conflicts 'top1 73.54"):
         read_paper(path)
-    rows[0]["conflicts"] = "top_1=73.54 [somewhere]"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_with("top_1=73.54 [somewhere]")
     with pytest.raises(ValueError, match="name 'top_1'"):
         read_paper(path)
 

@@ -11,7 +11,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 
 from ..accounting import count_macs, count_params
-from ..checkpoint import CheckpointError, atomic_write, load_checkpoint, load_weights
+from ..checkpoint import CheckpointError, atomic_write, first_non_finite, load_checkpoint, load_weights
 from ..data import build_loader
 from ..malloc import reuse_freed_memory
 from ..schedules import set_progress
@@ -135,7 +135,7 @@ def run_eval(cfg: Any) -> Dict[str, Any]:
                        limit=t.limit_eval_batches)
     elapsed = time.perf_counter() - start
     if not math.isfinite(metrics["loss"]):
-        from .trainer import NonFiniteLossError, first_non_finite
+        from .trainer import NonFiniteLossError
 
         bad = first_non_finite(model)
         where = f" ({bad} holds a NaN or infinity)" if bad else ""

@@ -81,6 +81,24 @@ class RunLock:
         self.release()
 
 
+def lock_run_dir(run_dir: Path, is_primary: bool) -> Optional[RunLock]:
+    """Rank 0 holds ``run_dir`` for the run's life and removes the temp files of checkpoint writes a kill
+    interrupted; every rank raises :class:`RunDirectoryBusy` (collective) when another process holds it."""
+    from .distributed import broadcast_object
+
+    lock, busy = None, None
+    if is_primary:
+        try:
+            lock = RunLock(run_dir).acquire()
+            remove_orphan_temp_files(run_dir)
+        except RunDirectoryBusy as err:
+            busy = str(err)
+    busy = broadcast_object(busy)
+    if busy:
+        raise RunDirectoryBusy(busy)
+    return lock
+
+
 def remove_orphan_temp_files(run_dir: Path) -> List[Path]:
     """Delete the temporary files of checkpoint writers that were killed (``.<name>.<pid>.<hex>.tmp``,
     :func:`dynconv.checkpoint.atomic_write`); call it holding the :class:`RunLock`."""

@@ -25,16 +25,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import __version__, auxiliary_loss, count_macs, count_params, set_progress
-from ..checkpoint import CheckpointError, CheckpointManager, load_checkpoint, load_weights, rng_state, \
-    set_rng_state, unwrap_model
+from ..checkpoint import CheckpointError, CheckpointManager, first_non_finite, load_checkpoint, load_weights, \
+    rng_state, set_rng_state, unwrap_model
 from ..data import build_loader
 from ..malloc import reuse_freed_memory
 from .builders import build_data, build_mixup_and_loss, build_model, loader_workers
 from .config import validate
-from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
+from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from .evaluate import autocast, evaluate, to_channels_last, to_device
 from .optim import apply_schedule, build_optimizer, build_scheduler, current_lr, scaled_lr
-from .run_guard import RunDirectoryBusy, RunLock, check_resume, remove_orphan_temp_files
+from .run_guard import check_resume, lock_run_dir
 from .run_logging import Progress, RunLogger
 
 CHECKPOINT_FORMAT = 1
@@ -42,17 +42,6 @@ CHECKPOINT_FORMAT = 1
 
 class NonFiniteLossError(FloatingPointError):
     """The (all-reduced) training loss is NaN or infinite, or the model's weights or statistics are."""
-
-
-def first_non_finite(*modules: Optional[nn.Module]) -> Optional[str]:
-    """The name of the first parameter or buffer holding a NaN or infinity, or None."""
-    for module in modules:
-        if module is None:
-            continue
-        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                return name
-    return None
 
 
 def plain_config(cfg: Any) -> Dict[str, Any]:
@@ -96,7 +85,7 @@ class Trainer:
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
         self.run_dir = Path(cfg.run_dir)
-        self.lock = self._lock_run_dir()
+        self.lock = lock_run_dir(self.run_dir, info.is_primary)
         self._setup_batches()
         self._setup_data()
         self._setup_model()
@@ -109,22 +98,6 @@ class Trainer:
         self.checkpoints = CheckpointManager(self.run_dir, is_primary=info.is_primary)
         self.global_step, self.best_score, self.nan_skips = 0, -math.inf, 0
         self.epoch_loss = [0.0, 0]  # sum and count of this epoch's step losses (kept across a resume)
-
-    def _lock_run_dir(self) -> Optional[RunLock]:
-        """Rank 0 holds the run directory for the run's life; a second writer stops at once, naming the first.
-        Temp files of checkpoint writes that a kill interrupted are removed."""
-        lock, busy = None, None
-        if self.info.is_primary:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                lock = RunLock(self.run_dir).acquire()
-                remove_orphan_temp_files(self.run_dir)
-            except RunDirectoryBusy as err:
-                busy = str(err)
-        busy = broadcast_object(busy)
-        if busy:
-            raise RunDirectoryBusy(busy)
-        return lock
 
     def close(self) -> None:
         """Release the run directory."""
