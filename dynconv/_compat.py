@@ -14,15 +14,36 @@ written against today's API, and each fallback is chosen once, at import time.
   type autocast keeps no state for (``meta``) reads as autocast off, in ``float32``.
 - :func:`safe_globals`: ``torch.serialization.safe_globals`` (torch 2.5+); before it, nothing is
   added to ``torch.load(weights_only=True)``'s allow-list.
+
+One torch bug is worked around here as well, decided by a probe rather than a version number (2.1.2 has
+it and 2.14 does not; the releases between were not available to test):
+
+- :func:`contiguous_grad`: torch 2.1's CPU GELU backward (its oneDNN path) returns a tensor it never
+  wrote when the incoming gradient is laid out unlike the GELU input (pytorch/pytorch#112006). dynconv's
+  matmul path hands back such gradients (a transposed view, see ``dynconv/ops/functional.py``), so a
+  ConvNeXt block's ``GELU -> pointwise dynamic conv`` got uninitialised memory as its gradient (non-finite
+  KernelWarehouse ConvNeXt-T gradients in mmdetection on torch 2.1.2). Where
+  :func:`gelu_backward_needs_contiguous_grad` finds the bug, the per-sample convolutions pass their input
+  through :func:`contiguous_grad`, whose backward makes the gradient contiguous; elsewhere it returns its
+  input itself (no autograd node, no copy).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable, ContextManager, Iterable
 
 import torch
 
-__all__ = ["is_compiling", "is_exporting", "autocast_enabled", "autocast_dtype", "safe_globals"]
+__all__ = [
+    "is_compiling",
+    "is_exporting",
+    "autocast_enabled",
+    "autocast_dtype",
+    "safe_globals",
+    "gelu_backward_needs_contiguous_grad",
+    "contiguous_grad",
+]
 
 
 def _never() -> bool:
@@ -95,3 +116,40 @@ def safe_globals(globals_: Iterable[Any]) -> ContextManager:
     classes in the block. On torch < 2.5 a no-op: files that need them stay refused there."""
     manager = getattr(torch.serialization, "safe_globals", None)
     return manager(list(globals_)) if manager is not None else contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def gelu_backward_needs_contiguous_grad() -> bool:
+    """Whether this torch's CPU GELU backward mishandles a gradient whose layout differs from its input's
+    (pytorch/pytorch#112006, seen on torch 2.1: the result takes the gradient's strides and is never
+    written). Probed once, on first use: a transposed gradient against the same gradient made
+    contiguous. The strided call runs first, so its unwritten result cannot hold the right values from a
+    previous computation of them."""
+    x = torch.linspace(-2.0, 2.0, 64).reshape(8, 8)
+    grad = torch.arange(1.0, 65.0).reshape(8, 8).t()  # strides (1, 8), x's are (8, 1)
+    with torch.no_grad():
+        got = torch.ops.aten.gelu_backward(grad, x)
+        want = torch.ops.aten.gelu_backward(grad.contiguous(), x)
+    return not torch.allclose(got, want)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward returns the gradient contiguous."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def contiguous_grad(x: torch.Tensor) -> torch.Tensor:
+    """``x``, whose gradient reaches the ops before it contiguous where this torch needs that (CPU tensors
+    on a torch where :func:`gelu_backward_needs_contiguous_grad`); else ``x`` itself. Eager autograd only:
+    compilers and exporters plan their own layouts."""
+    if (not x.requires_grad or not torch.is_grad_enabled() or x.device.type != "cpu" or is_compiling()
+            or is_exporting() or not gelu_backward_needs_contiguous_grad()):
+        return x
+    return _ContiguousGrad.apply(x)

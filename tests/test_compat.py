@@ -154,3 +154,109 @@ def test_safe_globals_allows_the_class_and_falls_back_to_nothing(tmp_path, monke
     with _compat.safe_globals([argparse.Namespace]):  # torch < 2.5: a no-op, the file stays refused
         with pytest.raises(Exception, match="Namespace|[Ww]eights only"):
             torch.load(path, weights_only=True)
+
+
+# -- torch 2.1's CPU GELU backward and strided gradients (pytorch/pytorch#112006) ------------------------------
+
+
+def _gelu_backward_is_wrong_for_a_strided_grad() -> bool:
+    """Observed directly, independently of the probe: autograd's GELU backward on a channels-last-strided
+    gradient (the layout a 1x1 conv on dynconv's matmul path hands back) against float64 autograd."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 5, 7, requires_grad=True)
+    grad = torch.randn(2, 5, 7, 64).permute(0, 3, 1, 2)  # strides of channels-last, x is contiguous
+    (got,) = torch.autograd.grad(torch.nn.functional.gelu(x), x, grad)
+    x64 = x.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(torch.nn.functional.gelu(x64), x64, grad.double())
+    return not torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_gelu_probe_agrees_with_torchs_gelu_backward():
+    """The probe (a transposed 8x8 gradient) must see what a real activation gradient sees. The bug is
+    reported against torch 2.1.0 (pytorch/pytorch#112006) and reproduced on 2.1.2, the mmdet environment's
+    torch, where `make mmdet-test` runs this file; torch 2.14 computes it right."""
+    assert _compat.gelu_backward_needs_contiguous_grad() == _gelu_backward_is_wrong_for_a_strided_grad()
+    if torch.__version__.startswith("2.1."):
+        assert _compat.gelu_backward_needs_contiguous_grad()
+
+
+@pytest.fixture(params=["this torch", "guard forced"])
+def grad_guard(request, monkeypatch):
+    """This torch's own answer, and the guard forced on (what torch 2.1 runs), on any torch."""
+    if request.param == "guard forced":
+        monkeypatch.setattr(_compat, "gelu_backward_needs_contiguous_grad", lambda: True)
+    return request.param
+
+
+def test_contiguous_grad_is_the_input_itself_where_nothing_is_needed(monkeypatch):
+    x = torch.randn(3, 4, requires_grad=True)
+    monkeypatch.setattr(_compat, "gelu_backward_needs_contiguous_grad", lambda: False)
+    assert _compat.contiguous_grad(x) is x  # no autograd node on a torch without the bug
+    monkeypatch.setattr(_compat, "gelu_backward_needs_contiguous_grad", lambda: True)
+    assert _compat.contiguous_grad(x.detach()) is not x and _compat.contiguous_grad(x.detach()).grad_fn is None
+    with torch.no_grad():
+        assert _compat.contiguous_grad(x) is x
+    assert _compat.contiguous_grad(torch.randn(3, 4, device="meta", requires_grad=True)).grad_fn is None
+
+
+def test_contiguous_grad_hands_back_the_same_gradient_contiguous(grad_guard):
+    x0 = torch.randn(4, 6, requires_grad=True)
+    x = x0 * 1.0  # a non-leaf, so the hook sees the gradient as it arrives (no AccumulateGrad layout rules)
+    seen = []
+    x.register_hook(seen.append)
+    g = torch.randn(6, 4)
+    _compat.contiguous_grad(x).t().backward(g)  # t()'s backward: a transposed (strided) view of g
+    assert torch.equal(seen[0], g.t())
+    assert seen[0].is_contiguous() == (grad_guard == "guard forced" or _compat.gelu_backward_needs_contiguous_grad())
+
+
+def _per_sample_case(case: str):
+    """(weight shape, conv kwargs) of per_sample_conv2d on each of its paths."""
+    b, c_in, c_out = 3, 16, 24
+    if case == "matmul-1x1":  # the KW / CondConv / ODConv pointwise layer of a ConvNeXt block (fc2 after GELU)
+        return (b, c_out, c_in, 1, 1), {}
+    if case == "matmul-3x3":
+        return (b, c_out, c_in, 3, 3), dict(padding=(1, 1), path="matmul")
+    if case == "grouped-3x3":
+        return (b, c_out, c_in, 3, 3), dict(padding=(1, 1), path="grouped")
+    if case == "plain-3x3":
+        return (b, c_out, c_in, 3, 3), dict(padding=(1, 1), path="plain")
+    if case == "shared-1x1-scaled":  # ODConv 1x: one kernel, per-sample tap and channel scales
+        return (c_out, c_in, 1, 1), dict(tap=True, channel=True)
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case", ["matmul-1x1", "matmul-3x3", "grouped-3x3", "plain-3x3", "shared-1x1-scaled"])
+def test_gelu_before_a_per_sample_conv_gets_the_right_gradient(case, grad_guard):
+    """The KernelWarehouse ConvNeXt-T regression (non-finite backbone gradients in mmdetection on torch
+    2.1.2): ``GELU -> per-sample 1x1 conv`` on the matmul path, whose input gradient is a transposed view.
+    The GELU input's gradient must match float64 autograd on every path; where the guard is on, the
+    gradient reaching the GELU output must be contiguous."""
+    from dynconv.ops.functional import per_sample_conv2d
+
+    torch.manual_seed(0)
+    shape, kwargs = _per_sample_case(case)
+    tap, channel = kwargs.pop("tap", False), kwargs.pop("channel", False)
+    batch = 3
+    c_in, (kh, kw) = shape[-3], shape[-2:]
+    x0 = torch.randn(batch, c_in, 5, 6, requires_grad=True)
+    weight = (torch.randn(*shape) * 0.2).requires_grad_()
+    tap_scale = torch.rand(batch, kh * kw).requires_grad_() if tap else None
+    in_scale = torch.rand(batch, c_in).requires_grad_() if channel else None
+    leaves = [t for t in (x0, weight, tap_scale, in_scale) if t is not None]
+
+    def run(dtype):
+        x = torch.nn.functional.gelu(x0.to(dtype))
+        seen = []
+        x.register_hook(seen.append)
+        out = per_sample_conv2d(x, weight.to(dtype), tap_scale=None if tap_scale is None else tap_scale.to(dtype),
+                                in_scale=None if in_scale is None else in_scale.to(dtype), **kwargs)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+        return torch.autograd.grad(out, leaves, grad), seen[0]
+
+    got, arriving = run(torch.float32)
+    want, _ = run(torch.float64)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-5)  # (float64 autograd, cast back to the leaves' dtype)
+    if grad_guard == "guard forced" or _compat.gelu_backward_needs_contiguous_grad():
+        assert arriving.is_contiguous()

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .._compat import is_exporting
+from .._compat import contiguous_grad, is_exporting
 from ._recompute import KernelRecipes, rebuilt_in_backward, tracing
 
 Padding = Union[str, Sequence[int]]
@@ -136,6 +136,9 @@ def per_sample_conv2d(
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; choose one of {PATHS}")
     c_out = weight.shape[-4]
+    # The matmul path's input gradient is a transposed view, which torch 2.1's CPU GELU backward would turn
+    # into uninitialised memory (see dynconv._compat.contiguous_grad); on other torch releases a no-op.
+    x = contiguous_grad(x)
     # per-sample kernels (and scaled copies) to rebuild in the backward instead of keeping them
     recipes = KernelRecipes(wanted=rebuild is not None or tap_scale is not None or in_scale is not None)
     if rebuild is not None and weight.dim() == 5:
