@@ -9,7 +9,7 @@ from .accounting import count_macs, count_params, macs_breakdown
 from .models import ARCHS, create_model, list_archs
 from .official import ImportReport, export_official, import_official
 from .registry import get_variant, list_convs
-from .schedules import set_progress
+from .schedules import UndrivenScheduleWarning, drive_schedules, set_progress
 from .surgery import ConvertReport, convert
 
 __version__ = "0.1.0"
@@ -18,11 +18,13 @@ __all__ = [
     "ARCHS",
     "ConvertReport",
     "ImportReport",
+    "UndrivenScheduleWarning",
     "auxiliary_loss",
     "convert",
     "count_macs",
     "count_params",
     "create_model",
+    "drive_schedules",
     "export_official",
     "get_variant",
     "import_official",

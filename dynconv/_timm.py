@@ -30,6 +30,7 @@ from torch import nn
 
 from .models import ARCHS, create_model
 from .registry import get_variant, list_convs
+from .schedules import drive_schedules
 
 _FEATURE_ARGS = ("out_indices", "feature_cls", "output_fmt", "flatten_sequential", "feature_cfg", "no_rewrite")
 # PretrainedCfg fields taken from the backbone's timm config: geometry and normalisation, not weights
@@ -196,6 +197,7 @@ def _entrypoint(conv: str, arch: str) -> Callable[..., nn.Module]:
             )
         features_only = kwargs.pop("features_only", False)
         feature_kwargs = {k: kwargs.pop(k) for k in _FEATURE_ARGS if k in kwargs}
+        steps_per_epoch = kwargs.pop("schedule_steps_per_epoch", None)  # the clock goes on the model returned
         model = create_model(arch, conv, **kwargs)
         cfg_dict = cfg.to_dict()
         cfg_dict["first_conv"], cfg_dict["classifier"] = model_layer_names(model, *_base_names(arch))
@@ -203,9 +205,9 @@ def _entrypoint(conv: str, arch: str) -> Callable[..., nn.Module]:
         if pretrained:
             load_pretrained(model, pretrained_cfg=cfg_dict, num_classes=model.num_classes,
                             in_chans=kwargs.get("in_chans", 3), cache_dir=cache_dir)
-        if not features_only:
-            return model
-        return features_model(model, cfg_dict, feature_kwargs)
+        if features_only:
+            model = features_model(model, cfg_dict, feature_kwargs)
+        return drive_schedules(model, steps_per_epoch) if steps_per_epoch is not None else model
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = __name__

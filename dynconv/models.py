@@ -14,6 +14,7 @@ from torch import nn
 
 from .registry import ConvVariant, get_variant
 from .backbones import set_submodule
+from .schedules import drive_schedules
 from .surgery import convert
 
 ARCHS: Tuple[str, ...] = (
@@ -254,12 +255,15 @@ def create_model(arch: str, conv: str = "static", num_classes: int = 1000, **ove
         **overrides: family options (``kernel_num``, ``reduction``, ``temperature_epochs``,
             ``cell_num_ratio``, ...) override the variant; ``drop_path_mode`` (``"linear"``, timm's ramp
             over the blocks, or ``"uniform"``, every block at ``drop_path_rate``: see
-            :func:`set_uniform_drop_path`); anything else goes to ``timm.create_model`` (``drop_rate``,
+            :func:`set_uniform_drop_path`); ``schedule_steps_per_epoch`` (training batches per epoch: the
+            model advances its own schedules, for loops that never call :func:`dynconv.set_progress`; see
+            :func:`dynconv.drive_schedules`); anything else goes to ``timm.create_model`` (``drop_rate``,
             ``drop_path_rate``, ``in_chans``, ...).
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of: {', '.join(ARCHS)}")
     drop_path_mode = overrides.pop("drop_path_mode", "linear")
+    steps_per_epoch = overrides.pop("schedule_steps_per_epoch", None)
     if drop_path_mode not in DROP_PATH_MODES:
         raise ValueError(f"drop_path_mode={drop_path_mode!r}; choose one of: {', '.join(DROP_PATH_MODES)}")
     variant = get_variant(conv)
@@ -284,4 +288,6 @@ def create_model(arch: str, conv: str = "static", num_classes: int = 1000, **ove
         _use_dynamic_head(model, variant.family, options)
         if variant.family in _FRESH_NORM_FAMILIES:
             use_batch_statistics_until_trained(model)
+    if steps_per_epoch is not None:
+        drive_schedules(model, steps_per_epoch)
     return model

@@ -2,14 +2,18 @@
 
 Layers that anneal something (attention temperature, KernelWarehouse mixing tau, DGC pruning share)
 carry a ``schedule`` callable and receive its value through ``set_schedule_value``;
-:func:`set_progress` is the only thing a training loop calls. A freshly built layer holds the
-schedule's end value, so a loaded checkpoint evaluates the way the official code evaluates.
+:func:`set_progress` is the only thing a training loop calls, or, for loops that know nothing of
+dynconv (timm's ``train.py``), :func:`drive_schedules` lets the model advance itself from the run's length.
+A freshly built layer holds the schedule's end value, so a loaded checkpoint evaluates the way the
+official code evaluates; a layer that trains while nothing drives it warns
+(:class:`UndrivenScheduleWarning`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
 
@@ -78,6 +82,10 @@ def dgc_pruning(epochs: float = 120.0) -> PruningStages:
     return PruningStages(float(epochs))
 
 
+class UndrivenScheduleWarning(RuntimeWarning):
+    """A schedule-driven layer trains while nothing advances its schedule (see :func:`drive_schedules`)."""
+
+
 @runtime_checkable
 class Scheduled(Protocol):
     schedule: Callable[[float], float]
@@ -92,7 +100,10 @@ def scheduled_modules(model: nn.Module) -> list[nn.Module]:
 def set_progress(model: nn.Module, epoch: float) -> None:
     """Push training progress (in epochs, fractional within an epoch) into every scheduled layer."""
     for module in scheduled_modules(model):
-        module.set_schedule_value(module.schedule(epoch))
+        if hasattr(module, "set_progress"):
+            module.set_progress(epoch)
+        else:  # a user layer that only follows the protocol
+            module.set_schedule_value(module.schedule(epoch))
 
 
 def set_schedule(model: nn.Module, kind: type, schedule: Callable[[float], float]) -> int:
@@ -104,3 +115,53 @@ def set_schedule(model: nn.Module, kind: type, schedule: Callable[[float], float
             module.set_schedule_value(schedule(float("inf")))
             changed += 1
     return changed
+
+
+class ScheduleClock:
+    """Ticks a model's clocked layers once per training forward pass (see :func:`drive_schedules`).
+
+    A forward pre-hook of the model it drives; the step counts live in the layers. Dynamo does not trace
+    it (it keeps Python counts): a compiled model breaks its graph once, before the forward.
+    """
+
+    def __call__(self, model: nn.Module, args: Any) -> None:
+        if model.training and torch.is_grad_enabled():
+            _tick(model)
+
+
+@torch.compiler.disable
+def _tick(model: nn.Module) -> None:
+    for module in model.modules():
+        if getattr(module, "steps_per_epoch", None) is not None and hasattr(module, "tick"):
+            module.tick()
+
+
+_CLOCK = "_dynconv_schedule_clock"
+
+
+def drive_schedules(model: nn.Module, steps_per_epoch: Optional[int]) -> nn.Module:
+    """Let ``model`` advance its own schedules: each training forward pass (train mode, gradients on) is
+    one step of a run with ``steps_per_epoch`` batches an epoch, so a loop that never calls
+    :func:`set_progress` (timm's ``train.py``, a user's own loop) still anneals temperatures, KW mixing and
+    DGC pruning as the official per-iteration schedules do (step ``k`` runs at epoch ``k / steps_per_epoch``).
+    The step counts are part of the state dict (``schedule_step``), so a resumed run continues them;
+    :func:`set_progress` still overrides (the clock continues from the progress it sets). Eval-mode and
+    no-grad passes do not count. ``None`` removes the clock. Returns ``model``.
+
+    Count one step per forward pass: with gradient accumulation over ``k`` micro-batches,
+    ``steps_per_epoch`` is the number of micro-batches, and with several forward passes per optimizer
+    step (SAM) the schedule runs that many times faster.
+    """
+    if steps_per_epoch is not None and (int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1):
+        raise ValueError(f"schedule_steps_per_epoch must be a positive integer (training batches per epoch), "
+                         f"got {steps_per_epoch!r}")
+    handle = getattr(model, _CLOCK, None)
+    if handle is not None:
+        handle.remove()
+        delattr(model, _CLOCK)
+    for module in scheduled_modules(model):
+        if hasattr(module, "start_clock"):
+            module.start_clock(int(steps_per_epoch)) if steps_per_epoch is not None else module.stop_clock()
+    if steps_per_epoch is not None:
+        setattr(model, _CLOCK, model.register_forward_pre_hook(ScheduleClock()))
+    return model

@@ -89,8 +89,8 @@ class DynconvBackbone(BaseModule):
             raise ValueError(f"DynconvBackbone: out_indices must be a non-empty subset of 0..{levels - 1}, "
                              f"got {tuple(out_indices)}")
         self.schedule_progress = schedule_progress
-        if schedule_progress is not None:
-            self.set_progress(schedule_progress)
+        # None holds the end values on purpose: the layers then train without warning that nothing drives them
+        self.set_progress(float("inf") if schedule_progress is None else schedule_progress)
 
     @property
     def out_channels(self) -> List[int]:

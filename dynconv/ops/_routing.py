@@ -1,10 +1,11 @@
 """Pieces shared by the attention (routing) branches of the dynamic families."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Set
+from typing import Callable
 
 import torch
-from torch import nn
+
+from ._scheduled import ScheduledModule, schedule_state_keys  # noqa: F401  (schedule_state_keys: re-exported)
 
 
 def global_pool(x: torch.Tensor) -> torch.Tensor:
@@ -15,7 +16,7 @@ def global_pool(x: torch.Tensor) -> torch.Tensor:
     return x.mean((2, 3), keepdim=True)
 
 
-class TemperatureScheduled(nn.Module):
+class TemperatureScheduled(ScheduledModule):
     """A routing module whose logits are divided by a scheduled temperature.
 
     The temperature is a 0-dim buffer: it follows the module across devices and ``deepcopy`` (EMA),
@@ -26,24 +27,12 @@ class TemperatureScheduled(nn.Module):
     current value, as BatchNorm does with ``num_batches_tracked``.
     """
 
-    STATE = "temperature"  # the schedule state's name in the state dict
+    SCHEDULE_STATE = ("temperature",)
 
     def __init__(self, schedule: Callable[[float], float]) -> None:
         super().__init__()
-        self.schedule = schedule
-        self.register_buffer(self.STATE, torch.tensor(float(schedule(float("inf")))))
+        self.register_buffer("temperature", torch.tensor(float(schedule(float("inf")))))
+        self.init_schedule(schedule)
 
     def set_schedule_value(self, value: float) -> None:
         self.temperature.fill_(value)
-
-    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        key = prefix + self.STATE
-        if key not in state_dict:
-            state_dict[key] = self.temperature.detach().clone()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def schedule_state_keys(model: nn.Module) -> Set[str]:
-    """The state-dict keys of ``model`` that hold schedule state (no official layout has them)."""
-    return {f"{name}.{m.STATE}" if name else m.STATE for name, m in model.named_modules()
-            if isinstance(m, TemperatureScheduled)}

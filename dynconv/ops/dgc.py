@@ -40,6 +40,7 @@ from torch import nn
 from .._compat import is_compiling
 from ..schedules import dgc_pruning
 from ._base import DynamicConv2dBase, IntOrPair, Padding
+from ._scheduled import ScheduledModule
 from .functional import conv_patches, per_sample_conv2d
 
 LASSO_LAMBDA = 1e-5  # official --group-lasso-lambda default
@@ -90,7 +91,7 @@ def _contiguous_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mul(a, b, out=out)
 
 
-class DGCConv2d(DynamicConv2dBase):
+class DGCConv2d(DynamicConv2dBase, ScheduledModule):
     """Drop-in ``nn.Conv2d`` with DGC's per-head saliency gating of input channels.
 
     Args:
@@ -145,10 +146,10 @@ class DGCConv2d(DynamicConv2dBase):
                                                           squeeze_rate))
         self.attention_children = tuple(f"headconv_{h}" for h in range(heads))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        self.schedule = schedule or dgc_pruning()
         self.register_buffer("_inactive_channels", torch.zeros(1))
         self.auxiliary_loss: Optional[torch.Tensor] = None
         self._weight_cache: Optional[Tuple[tuple, torch.Tensor]] = None
+        self.init_schedule(schedule or dgc_pruning())
         self.set_schedule_value(self.schedule(float("inf")))
 
     # -- schedule -----------------------------------------------------------------------------
