@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, List, Optional, Tuple
+import logging
+import os
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import timm
 import torch
@@ -36,6 +38,8 @@ _ARCH_DEFAULTS: Dict[Tuple[str, str], Dict[str, Any]] = {
     ("kw_1d2x", "resnet50"): {"nonlocal_basis_ratio": 0.0625},
 }
 
+
+_logger = logging.getLogger(__name__)
 
 DROP_PATH_MODES: Tuple[str, ...] = ("linear", "uniform")
 
@@ -245,13 +249,20 @@ def use_batch_statistics_until_trained(model: nn.Module) -> int:
     return count
 
 
-def create_model(arch: str, conv: str = "static", num_classes: int = 1000, **overrides: Any) -> nn.Module:
+def create_model(arch: str, conv: str = "static", num_classes: int = 1000,
+                 pretrained: Union[None, bool, str, "os.PathLike[str]", Mapping[str, Any]] = None,
+                 **overrides: Any) -> nn.Module:
     """Build ``arch`` from timm and apply ``conv`` with the official per-backbone rules.
 
     Args:
         arch: one of :func:`list_archs`.
         conv: one of :func:`dynconv.list_convs`.
         num_classes: classifier width.
+        pretrained: start from the static ``arch``'s weights: a checkpoint path (timm or torchvision state dict,
+            or a dynconv ``conv=static`` checkpoint), a state dict, or ``True`` for timm's own weights (needs
+            network access). The dynamic layers are initialised from the static kernels so the network starts
+            at the static function where the method allows (see :func:`dynconv.pretrained.init_from_static`;
+            its report is kept as ``model.pretrained_report``). ``None`` / ``False``: fresh weights.
         **overrides: family options (``kernel_num``, ``reduction``, ``temperature_epochs``,
             ``cell_num_ratio``, ...) override the variant; ``drop_path_mode`` (``"linear"``, timm's ramp
             over the blocks, or ``"uniform"``, every block at ``drop_path_rate``: see
@@ -288,6 +299,11 @@ def create_model(arch: str, conv: str = "static", num_classes: int = 1000, **ove
         _use_dynamic_head(model, variant.family, options)
         if variant.family in _FRESH_NORM_FAMILIES:
             use_batch_statistics_until_trained(model)
+    if pretrained is not None and pretrained is not False:
+        from .pretrained import init_from_static
+
+        model.pretrained_report = init_from_static(model, pretrained, arch=arch)
+        _logger.info("%s", model.pretrained_report)
     if steps_per_epoch is not None:
         drive_schedules(model, steps_per_epoch)
     return model

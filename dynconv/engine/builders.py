@@ -45,6 +45,11 @@ def build_model(model_cfg: Any, conv_cfg: Any, num_classes: int) -> nn.Module:
     if model_cfg.drop_path_rate:
         options["drop_path_rate"] = model_cfg.drop_path_rate
         options["drop_path_mode"] = model_cfg.drop_path_mode
+    pretrained = getattr(model_cfg, "pretrained", None)
+    if pretrained is not None:
+        from .config import PRETRAINED_TIMM
+
+        options["pretrained"] = True if str(pretrained) in PRETRAINED_TIMM else os.path.expanduser(str(pretrained))
     try:
         return create_model(model_cfg.name, conv_cfg.name, num_classes=num_classes, **options)
     except TypeError as err:  # an option neither the conv family nor timm takes

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -32,6 +33,8 @@ class ModelConfig:
     # linear: timm's ramp over the blocks (ConvNeXt's rule); uniform: every block at the rate (KW ResNets)
     drop_path_mode: str = "linear"
     kwargs: Dict[str, Any] = field(default_factory=dict)  # anything else timm.create_model takes
+    # start from a static checkpoint of the same arch (a file, or "timm" for timm's own weights)
+    pretrained: Optional[str] = None
 
 
 @dataclass
@@ -346,6 +349,17 @@ def _check_recipe(recipe: Any) -> None:
         raise ValueError("recipe.scheduler.warmup_steps needs recipe.scheduler.per_iteration=true")
 
 
+PRETRAINED_TIMM = ("timm", "true", "True")  # model.pretrained values meaning timm's own weights
+
+
+def _check_pretrained(value: Optional[str]) -> None:
+    if value is None or str(value) in PRETRAINED_TIMM:
+        return
+    if not os.path.isfile(os.path.expanduser(str(value))):
+        raise ValueError(f"model.pretrained={value}: no such file (a static checkpoint of the same arch, or "
+                         "'timm' for timm's pretrained weights)")
+
+
 def validate(cfg: Any) -> None:
     """Checks across keys that the schema cannot express; raises ValueError naming the key."""
     from .. import list_archs, list_convs
@@ -368,6 +382,7 @@ def validate(cfg: Any) -> None:
     _choice("trainer.amp", cfg.trainer.amp, AMP_MODES)
     _choice("trainer.nan_policy", cfg.trainer.nan_policy, NAN_POLICIES)
     _choice("model.drop_path_mode", cfg.model.drop_path_mode, DROP_PATH_MODES)
+    _check_pretrained(getattr(cfg.model, "pretrained", None))
     _check_numbers(cfg)
     from .run_guard import RESUMABLE
 
