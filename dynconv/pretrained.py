@@ -37,7 +37,6 @@ copies different gradients. CondConv's constant routing does not, hence its zero
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
@@ -98,6 +97,10 @@ class PretrainedReport:
         ]
         lines += [f"  - {note}" for note in self.notes]
         return "\n".join(lines)
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
 
     def _worsen(self, level: str) -> None:
         order = ("exact", "exact to rounding", "eval mode only", "not preserved")
@@ -196,6 +199,8 @@ def _map_condconv(layer: CondConv2d, path, weight, bias, report) -> None:
                          * (2.0 / k))
         report.mapped[f"{path}.bias"] = f"2/{k} * {path}.bias"
     report._worsen("exact to rounding")
+    report.note("CondConv: routing starts at 0 (every expert weighted 1/2 for every input; official init: "
+                "random), experts 2/K W plus zero-sum noise that breaks their symmetry")
 
 
 def _map_odconv(layer: ODConv2d, path, weight, bias, report) -> None:
@@ -216,6 +221,8 @@ def _map_odconv(layer: ODConv2d, path, weight, bias, report) -> None:
     _copy_bias(layer, path, bias, report)
     if layer.kernel_num > 1:
         report._worsen("exact to rounding")  # the softmax weights sum to 1 up to rounding
+    report.note("ODConv: channel / filter / spatial heads start at 0 (each attention exactly 1/2 at any "
+                "temperature; official init: random), kernels 2^h W; the kernel attention keeps its official init")
 
 
 def _map_dcd(layer: DCDConv2d, path, weight, bias, report) -> None:
@@ -226,6 +233,7 @@ def _map_dcd(layer: DCDConv2d, path, weight, bias, report) -> None:
     report.adjusted[f"{path}.fc_scale.weight"] = "0 (Lambda = 1)"
     report.adjusted[f"{path}.p.weight"] = "0 (residual P Phi Q^T x = 0)"
     _copy_bias(layer, path, bias, report)
+    report.note("DCD: W0 = W, fc_scale and P start at 0 (Lambda = 1, no residual; official init: random)")
 
 
 def _map_dcd_linear(layer: DCDLinear, path, weight, bias, report) -> None:
@@ -257,6 +265,11 @@ def _map_dgc(layer: DGCConv2d, path, weight, bias, report) -> None:
             report.adjusted[f"{path}.norm.{key}"] = "identity in eval mode"
         _mark_loaded(norm)
         report._worsen("eval mode only")
+        report.note("DGC: the layer's own pre-activation BatchNorm is an identity in eval mode (its input is "
+                    "post-ReLU in the ResNets, so the ReLU is one too); in training mode it normalises with batch "
+                    "statistics, which the static network does not")
+    report.note("DGC: head h takes rows h::heads of W, saliency fc2 weight 0 and bias 1 (every gate 1; official "
+                "weight init: random); nothing is pruned before the pruning stage (progress <= 1/12 of the run)")
     _copy_bias(layer, path, bias, report)
 
 
@@ -446,7 +459,7 @@ def init_from_static(
     _attention_baseline_note(model, report)
     if progress is not None:
         set_progress(model, progress)
-        report.notes.append(f"schedules set to progress {progress:g} (KernelWarehouse tau = 1 at 0)")
+        report.note(f"schedules set to progress {progress:g} (at 0: KernelWarehouse tau = 1, DGC prunes nothing)")
     return report
 
 

@@ -298,3 +298,34 @@ def test_hydra_model_pretrained(static_files, tmp_path):
     missing = tmp_path / "nowhere.pth"
     with pytest.raises(ValueError, match=f"^model.pretrained={missing}: no such file"):
         validate(load([f"model.pretrained={missing}"]))
+
+
+@pytest.mark.parametrize("conv", ["odconv_4x", "dcd", "kw_1x"])
+def test_exact_in_training_mode_too(static_files, conv):
+    """The attention BatchNorms only feed heads that start constant (or, for KW at tau = 1, are not read),
+    so batch-statistics BatchNorms give the same training-mode output as the static network."""
+    import copy
+
+    path, static = static_files["resnet18"]
+    static = copy.deepcopy(static).train()  # the fixture's model is shared: its statistics must not move
+    model = _converted("resnet18", conv, path).train()
+    x = _input("resnet18")[:, :, :32, :32]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), static(x), rtol=0, atol=1e-9)
+
+
+def test_detection_backbone_from_static_weights(static_files):
+    """``DynamicBackbone(arch, conv, pretrained=PATH)`` (the option goes to create_model): the feature levels
+    equal the static network's; the checkpoint's 10-class classifier is dropped with the head."""
+    from dynconv.detection.backbone import DynamicBackbone
+
+    path, static = static_files["resnet18"]
+    backbone = DynamicBackbone("resnet18", "odconv_4x", pretrained=path).eval()
+    assert backbone.body.pretrained_report.dropped == ["fc.weight", "fc.bias"]
+    x = _input("resnet18")
+    with torch.no_grad():
+        got = list(backbone(x.float()).values())
+        want = static.forward_intermediates(x, indices=[1, 2, 3, 4], intermediates_only=True)
+    assert len(got) == len(want) == 4
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=0, atol=1e-4)
