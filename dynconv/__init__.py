@@ -8,6 +8,7 @@ from .auxiliary import auxiliary_loss
 from .accounting import count_macs, count_params, macs_breakdown
 from .models import ARCHS, create_model, list_archs
 from .official import ImportReport, export_official, import_official
+from .pretrained import PretrainedReport, init_from_static
 from .registry import get_variant, list_convs
 from .schedules import UndrivenScheduleWarning, drive_schedules, set_progress
 from .surgery import ConvertReport, convert
@@ -18,6 +19,7 @@ __all__ = [
     "ARCHS",
     "ConvertReport",
     "ImportReport",
+    "PretrainedReport",
     "UndrivenScheduleWarning",
     "auxiliary_loss",
     "convert",
@@ -28,6 +30,7 @@ __all__ = [
     "export_official",
     "get_variant",
     "import_official",
+    "init_from_static",
     "list_archs",
     "list_convs",
     "macs_breakdown",

@@ -329,3 +329,19 @@ def test_detection_backbone_from_static_weights(static_files):
     assert len(got) == len(want) == 4
     for g, w in zip(got, want):
         torch.testing.assert_close(g.double(), w, rtol=0, atol=1e-4)
+
+
+def test_detection_task_model_pretrained(static_files):
+    """``train.py task=detection model.pretrained=PATH``: the engine's detector gets a backbone from the static file."""
+    from test_configs import load
+
+    from dynconv.engine.config import validate
+    from dynconv.engine.detection import build_detector
+
+    path, static = static_files["resnet18"]
+    cfg = load(["task=detection", "detector=faster_rcnn", "data=synthetic_coco", "model=resnet18", "conv=odconv_4x",
+                f"model.pretrained={path}"])
+    validate(cfg)
+    body = build_detector(cfg, num_classes=6).backbone.body.body
+    assert body.pretrained_report.dropped == ["fc.weight", "fc.bias"]
+    torch.testing.assert_close(body.conv1.weight.double(), static.conv1.weight, rtol=0, atol=0)

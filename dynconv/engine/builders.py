@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
 from torch import nn
 
@@ -37,6 +37,16 @@ def loader_workers(requested: int) -> int:
     return max(0, min(requested, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
+def pretrained_source(model_cfg: Any) -> Optional[Union[bool, str]]:
+    """``model.pretrained`` as ``create_model`` takes it: ``True`` for timm's own weights, else a path."""
+    from .config import PRETRAINED_TIMM
+
+    pretrained = getattr(model_cfg, "pretrained", None)
+    if pretrained is None:
+        return None
+    return True if str(pretrained) in PRETRAINED_TIMM else os.path.expanduser(str(pretrained))
+
+
 def build_model(model_cfg: Any, conv_cfg: Any, num_classes: int) -> nn.Module:
     """``dynconv.create_model`` with the config's dropout, drop path and options."""
     options = {**dict(model_cfg.kwargs), **dict(conv_cfg.options)}
@@ -45,11 +55,8 @@ def build_model(model_cfg: Any, conv_cfg: Any, num_classes: int) -> nn.Module:
     if model_cfg.drop_path_rate:
         options["drop_path_rate"] = model_cfg.drop_path_rate
         options["drop_path_mode"] = model_cfg.drop_path_mode
-    pretrained = getattr(model_cfg, "pretrained", None)
-    if pretrained is not None:
-        from .config import PRETRAINED_TIMM
-
-        options["pretrained"] = True if str(pretrained) in PRETRAINED_TIMM else os.path.expanduser(str(pretrained))
+    if pretrained_source(model_cfg) is not None:
+        options["pretrained"] = pretrained_source(model_cfg)
     try:
         return create_model(model_cfg.name, conv_cfg.name, num_classes=num_classes, **options)
     except TypeError as err:  # an option neither the conv family nor timm takes

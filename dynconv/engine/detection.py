@@ -30,7 +30,7 @@ from ..detection import create_detector
 from ..detection.coco_eval import coco_metrics, to_coco_results
 from ..malloc import reuse_freed_memory
 from ..schedules import set_progress
-from .builders import loader_workers
+from .builders import loader_workers, pretrained_source
 from .config import validate
 from .distributed import DistInfo, broadcast_object, resolve_device
 from .eval_checkpoint import load_for_eval
@@ -70,6 +70,8 @@ def build_detector(cfg: Any, num_classes: int, sizes: Optional[Sequence[int]] = 
     if model.drop_path_rate:
         options["drop_path_rate"] = model.drop_path_rate
         options["drop_path_mode"] = model.drop_path_mode
+    if pretrained_source(model) is not None:
+        options["pretrained"] = pretrained_source(model)
     try:
         return create_detector(det.name, model.name, cfg.conv.name, num_classes=num_classes,
                                min_size=list(sizes or [cfg.data.min_size]), max_size=cfg.data.max_size,
