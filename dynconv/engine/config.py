@@ -171,6 +171,9 @@ class TrainerConfig:
     max_epochs: Optional[int] = None  # stop early (the schedules still follow recipe.epochs)
     limit_train_batches: Optional[int] = None  # per epoch, for quick checks
     limit_eval_batches: Optional[int] = None
+    # score the starting weights before the first update (an epoch-0 row): a model converted from a static
+    # checkpoint (model.pretrained) shows where the fine-tune starts
+    eval_before_train: bool = False
     resume: str = "auto"  # auto | never | a checkpoint path
     # values a resumed run may change (recipe.epochs, recipe.optimizer.lr, recipe.grad_clip, trainer.batch_size);
     # any other difference from the run's stored config stops the resume (dynconv.engine.run_guard)

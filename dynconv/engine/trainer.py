@@ -416,6 +416,8 @@ class Trainer:
                            wandb=self._wandb_options())
         with logger:
             self._announce(resumed, end_epoch)
+            if t.eval_before_train and self.global_step == 0:
+                self._eval_before_train(logger)
             for epoch in range(self.global_step // self.updates_per_epoch, end_epoch):
                 tick = time.perf_counter()
                 train_loss = self.train_epoch(epoch, logger)
@@ -436,6 +438,15 @@ class Trainer:
             summary = self._summary()
             logger.set_summary(**summary)
         return summary
+
+    def _eval_before_train(self, logger: RunLogger) -> None:
+        """Score the starting weights (schedules at progress 0) as an epoch-0 row; no checkpoint is written."""
+        row = {"epoch": 0, **self.validate(), "lr": current_lr(self.optimizer)}
+        logger.log_epoch(row, step=0)
+        if self.info.is_primary:
+            scores = "  ".join(f"{k[5:]} {v:.4f}" if k.endswith("loss") else f"{k[5:]} {v:.2f}"
+                               for k, v in row.items() if k.startswith("eval_") and k != "eval_count")
+            print(f"epoch 0/{self.cfg.recipe.epochs} (before training): {scores}", flush=True)
 
     # -------------------------------------------------------------------------------------- reporting
     def _wandb_options(self) -> Optional[Dict[str, Any]]:
