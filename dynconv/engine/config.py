@@ -233,6 +233,7 @@ class EvalConfig:
     crop_pct: Optional[float] = None
     bench_batches: int = 5  # timed eval batches for images/s (0: skip)
     ignore_class_names: bool = False  # score a checkpoint whose stored class names differ from the data's
+    deploy: bool = False  # score dynconv.deploy(model): BatchNorms folded, the same outputs (classification)
     model: ModelConfig = field(default_factory=ModelConfig)
     conv: ConvConfig = field(default_factory=ConvConfig)
     data: DataConfig = field(default_factory=DataConfig)

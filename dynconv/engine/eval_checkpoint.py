@@ -13,6 +13,7 @@ import torch
 from ..accounting import count_macs, count_params
 from ..checkpoint import CheckpointError, atomic_write, first_non_finite, load_checkpoint, load_weights
 from ..data import build_loader
+from ..deploy import deploy
 from ..malloc import reuse_freed_memory
 from ..schedules import set_progress
 from .builders import build_data, build_model, loader_workers
@@ -107,6 +108,8 @@ def run_eval(cfg: Any) -> Dict[str, Any]:
     returns timm ``validate.py``-style results, and writes them as JSON to ``cfg.output`` when set.
     """
     if cfg.task == "detection":
+        if cfg.deploy:
+            raise ValueError("deploy=true scores classification models only (task=classification)")
         from .detection import run_eval_detection
 
         return run_eval_detection(cfg)
@@ -126,6 +129,12 @@ def run_eval(cfg: Any) -> Dict[str, Any]:
     loaded = load_for_eval(model, cfg, state) if state is not None else "no checkpoint: a freshly initialised model"
     size = cfg.data.image_size
     params, macs = count_params(model), count_macs(model, (1, 3, size, size))
+    folded = None
+    if cfg.deploy:  # the inference copy: same outputs, BatchNorms folded (params / MACs above: the paper's count)
+        folds: list = []
+        example = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        model = deploy(model.eval(), example, report=folds)
+        folded = len(folds)
     model.to(device)
     if t.channels_last:
         to_channels_last(model)
@@ -151,6 +160,8 @@ def run_eval(cfg: Any) -> Dict[str, Any]:
         "eval_samples_per_sec": round(metrics["count"] / elapsed, 2),
         "device": str(device), "data": cfg.data.name,
     }
+    if folded is not None:
+        result["deployed_norms_folded"] = folded
     if cfg.bench_batches:
         images = next(iter(loader))[0]
         result["infer_samples_per_sec"] = round(images_per_second(
