@@ -36,19 +36,21 @@ from .ops.icconv import InceptionConv2d
 from .ops.kernelwarehouse import KWConv2d, _KWTokenConv
 from .ops.odconv import ODConv2d
 
-__all__ = ["deploy", "DeployReport", "bn_affine"]
+__all__ = ["AddBias", "DeployedKWConv2d", "bn_affine", "deploy", "find_folds"]
 
 _BN = nn.modules.batchnorm._BatchNorm
 
 
 def bn_affine(bn: _BN) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, shift)`` of an eval-mode BatchNorm: ``bn(y) = scale * y + shift`` per channel."""
-    scale = torch.rsqrt(bn.running_var + bn.eps)
+    """``(scale, shift)`` of an eval-mode BatchNorm: ``bn(y) = scale * y + shift`` per channel (computed in at
+    least float32, so that a half-precision model's fold rounds once, when stored)."""
+    dtype = torch.promote_types(bn.running_var.dtype, torch.float32)
+    scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
     if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale
+        scale = scale * bn.weight.to(dtype)
+    shift = -bn.running_mean.to(dtype) * scale
     if bn.bias is not None:
-        shift = shift + bn.bias
+        shift = shift + bn.bias.to(dtype)
     return scale, shift
 
 
@@ -62,7 +64,7 @@ def _set_bias(owner: nn.Module, name: str, value: torch.Tensor) -> None:
     """Sets ``owner.<name>`` to ``value``, as a parameter (a layer built with ``bias=False`` gets one)."""
     current = getattr(owner, name, None)
     if isinstance(current, nn.Parameter):
-        current.data = value.to(current.dtype)
+        current.copy_(value)
     else:
         if name in owner._parameters or current is None:
             owner._parameters.pop(name, None)
@@ -81,22 +83,22 @@ def _affine_bias(bias: Optional[torch.Tensor], scale: torch.Tensor, shift: torch
 
 def _fold_dense(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> nn.Module:
     """``nn.Conv2d`` / ``nn.Linear`` (output channels on dim 0 of the weight)."""
-    layer.weight.data.mul_(_channel_view(scale, 0, layer.weight.dim()))
+    layer.weight.mul_(_channel_view(scale, 0, layer.weight.dim()))
     _set_bias(layer, "bias", _affine_bias(layer.bias, scale, shift))
     return layer
 
 
 def _fold_condconv(layer: CondConv2d, scale: torch.Tensor, shift: torch.Tensor) -> nn.Module:
     # sigmoid routing weights need not sum to one: the shift cannot ride on the expert biases
-    layer.weight.data.mul_(_channel_view(scale, 1, layer.weight.dim()))
+    layer.weight.mul_(_channel_view(scale, 1, layer.weight.dim()))
     if layer.bias is not None:
-        layer.bias.data.mul_(scale)
+        layer.bias.mul_(scale)
     return AddBias(layer, shift)
 
 
 def _fold_dyconv(layer: DynamicConv2d, scale: torch.Tensor, shift: torch.Tensor) -> nn.Module:
     # softmax attention sums to one, so a shift added to every kernel's bias is added once
-    layer.weight.data.mul_(_channel_view(scale, 1, layer.weight.dim()))
+    layer.weight.mul_(_channel_view(scale, 1, layer.weight.dim()))
     bias = layer.bias if layer.bias is not None else torch.zeros_like(layer.weight[:, :, 0, 0, 0])
     _set_bias(layer, "bias", bias * scale + shift)
     return layer
@@ -105,17 +107,17 @@ def _fold_dyconv(layer: DynamicConv2d, scale: torch.Tensor, shift: torch.Tensor)
 def _fold_odconv(layer: ODConv2d, scale: torch.Tensor, shift: torch.Tensor) -> nn.Module:
     # the filter attention a_f multiplies the conv output per channel, so it commutes with the scale;
     # the shift goes into the static bias added after a_f
-    layer.weight.data.mul_(_channel_view(scale, 1, layer.weight.dim()))
+    layer.weight.mul_(_channel_view(scale, 1, layer.weight.dim()))
     _set_bias(layer, "bias", _affine_bias(layer.bias, scale, shift))
     return layer
 
 
 def _fold_dcd(layer: DCDConv2d, scale: torch.Tensor, shift: torch.Tensor) -> nn.Module:
     # out = Lambda * conv_W0(x) + P(...) + bias: scale W0 and P, shift the static bias
-    layer.conv.weight.data.mul_(_channel_view(scale, 0, 4))
-    layer.p.weight.data.mul_(_channel_view(scale, 0, 4))
+    layer.conv.weight.mul_(_channel_view(scale, 0, 4))
+    layer.p.weight.mul_(_channel_view(scale, 0, 4))
     if layer.p.bias is not None:
-        layer.p.bias.data.mul_(scale)
+        layer.p.bias.mul_(scale)
     _set_bias(layer, "bias", _affine_bias(layer.bias, scale, shift))
     return layer
 
@@ -124,14 +126,15 @@ def _fold_dgc(layer: DGCConv2d, scale: torch.Tensor, shift: torch.Tensor) -> nn.
     # head h computes output channels j * heads + h (interleaved)
     per_head = scale.reshape(-1, layer.heads)
     for h, head in enumerate(layer.head_modules()):
-        head.conv.weight.data.mul_(_channel_view(per_head[:, h], 0, 4))
+        head.conv.weight.mul_(_channel_view(per_head[:, h], 0, 4))
     _set_bias(layer, "bias", _affine_bias(layer.bias, scale, shift))
+    layer._weight_cache = None  # (keyed on the weights' versions, which the in-place scaling bumps anyway)
     return layer
 
 
 def _fold_icconv(layer: InceptionConv2d, scale: torch.Tensor, shift: torch.Tensor) -> nn.Module:
     for conv, member in zip(layer.conv_list, layer.members):
-        conv.weight.data.mul_(_channel_view(scale[member.start:member.stop], 0, 4))
+        conv.weight.mul_(_channel_view(scale[member.start:member.stop], 0, 4))
     layer._packed.clear()  # packed kernels are rebuilt from the scaled members
     _set_bias(layer, "bias", _affine_bias(layer.bias, scale, shift))
     return layer
@@ -218,12 +221,12 @@ def _folder(module: nn.Module) -> Optional[Fold]:
 def _fold_dcd_latent_norm(owner: nn.Module, phi_fc: nn.Linear, bn2: _BN, p: nn.Module, dim: int) -> None:
     """DCD's ``bn2(Phi @ z)``: the scale goes into the rows of ``Phi`` (``fc_phi``), the shift, a constant
     latent vector, through ``P`` into a static bias of ``P``."""
-    scale, shift = bn_affine(bn2)
-    weight = phi_fc.weight.data.view(dim, dim, -1)  # Phi[b] = fc_phi(y).view(L, L): row i is outputs i*L..
+    scale, shift = (v.to(phi_fc.weight.dtype) for v in bn_affine(bn2))
+    weight = phi_fc.weight.view(dim, dim, -1)  # Phi[b] = fc_phi(y).view(L, L): row i is outputs i*L..
     weight.mul_(scale.view(dim, 1, 1))
     if phi_fc.bias is not None:
-        phi_fc.bias.data.view(dim, dim).mul_(scale.view(dim, 1))
-    p_matrix = p.weight.data.reshape(p.weight.shape[0], dim)
+        phi_fc.bias.view(dim, dim).mul_(scale.view(dim, 1))
+    p_matrix = p.weight.reshape(p.weight.shape[0], dim)
     _set_bias(p, "bias", _affine_bias(p.bias, torch.ones_like(p_matrix[:, 0]), p_matrix @ shift))
     setattr(owner, "bn2", nn.Identity())
 
@@ -335,12 +338,6 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-class DeployReport(List[Tuple[str, str]]):
-    """``(layer, BatchNorm)`` pairs folded by :func:`deploy`, and the norms folded inside layers (``precomputed``)."""
-
-    precomputed: List[str]
-
-
 def _default_example(model: nn.Module) -> torch.Tensor:
     """A batch of two 64 px random images with the model's input channels (timm's ``pretrained_cfg`` or
     the first convolution's)."""
@@ -360,7 +357,8 @@ def deploy(model: nn.Module, example: Optional[torch.Tensor] = None, report: Opt
         model: any model; dynconv layers and plain ``nn.Conv2d`` / ``nn.Linear`` are folded into.
         example: an input for the one traced forward that finds which norm follows which layer (default
             ``(2, C, 64, 64)`` random, ``C`` from the first conv); any size the model accepts.
-        report: a list that receives the folded ``(layer path, norm path)`` pairs.
+        report: a list that receives the folded ``(layer path, norm path)`` pairs, and ``("", norm path)`` for
+            the norms folded inside a layer (DCD's ``bn2``, through ``P``).
 
     Returns:
         A deep copy in eval mode whose eval outputs equal ``model``'s (to rounding) and whose parameters do
@@ -375,22 +373,16 @@ def deploy(model: nn.Module, example: Optional[torch.Tensor] = None, report: Opt
     for layer_name, bn_name in pairs:
         bn = deployed.get_submodule(bn_name)
         layer = deployed.get_submodule(layer_name)
+        dtype = next(layer.parameters()).dtype
         scale, shift = bn_affine(bn)
-        new = _folder(layer)(layer, scale.to(layer_dtype(layer)), shift.to(layer_dtype(layer)))
+        new = _folder(layer)(layer, scale.to(dtype), shift.to(dtype))
         if new is not layer:
             _replace(deployed, layer_name, new)
         _replace(deployed, bn_name, _norm_remainder(bn))
-    for p in deployed.parameters():
+    for p in deployed.parameters():  # AddBias and new biases
         p.requires_grad_(False)
-    for m in deployed.modules():  # weight layouts cached for inference, built once now
-        if isinstance(m, DGCConv2d):
-            m._weight_cache = None
-            m.weight_by_input_channel()
+    deployed(example)  # builds the inference caches now (DGC's weight layout, IC-Conv's packed kernels)
     if report is not None:
         report.extend(pairs)
         report.extend(("", name) for name in precomputed)
     return deployed
-
-
-def layer_dtype(layer: nn.Module) -> torch.dtype:
-    return next(layer.parameters()).dtype

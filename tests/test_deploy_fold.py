@@ -71,6 +71,17 @@ def _capture(model: nn.Module, names: List[str], kind: str, x: torch.Tensor) -> 
     return seen
 
 
+@torch.no_grad()
+def rounding_sensitivity(model: nn.Module, x: torch.Tensor, eps: float) -> float:
+    """How far ``model(x)`` moves when every weight changes by a relative ``eps`` (rounding level): the
+    tolerance of a whole-network comparison, whose own rounding the network amplifies as much."""
+    jiggled = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(4)
+    for p in jiggled.parameters():
+        p.mul_(1 + eps * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return (jiggled(x) - model(x)).abs().max().item()
+
+
 def check_deploy(arch: str, conv: str, size: int = 32, folds_expected: bool = True
                  ) -> Tuple[nn.Module, nn.Module, list]:
     x = torch.randn(2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -95,14 +106,10 @@ def check_deploy(arch: str, conv: str, size: int = 32, folds_expected: bool = Tr
     # the weights moves it (a fresh dynamic net can amplify rounding a lot: the folds above are each exact)
     with torch.no_grad():
         want, got = model(x), deployed(x)
-        tol = 1e-11 * max(want.abs().max().item(), 1.0)
-        if (got - want).abs().max().item() > tol:
-            # a fresh dynamic net can amplify rounding by orders of magnitude (the folds above are each exact):
-            # allow 100x what a rounding-level change of the original weights does to its output
-            jiggled = copy.deepcopy(model)
-            for p in jiggled.parameters():
-                p.mul_(1 + 1e-15 * torch.randn_like(p))
-            tol = max(tol, 100 * (jiggled(x) - want).abs().max().item())
+    tol = 1e-11 * max(want.abs().max().item(), 1.0)
+    if (got - want).abs().max().item() > tol:
+        # a fresh dynamic net can amplify rounding by orders of magnitude (the folds above are each exact)
+        tol = max(tol, 100 * rounding_sensitivity(model, x, 1e-15))
     torch.testing.assert_close(got, want, rtol=0, atol=tol, msg=f"{arch}/{conv} network")
 
     # the original model is untouched, the norms are gone, the copy is inference-only
@@ -175,11 +182,13 @@ ONNX_CONVS = ["static", "condconv_8x", "dyconv_4x", "dcd", "odconv_1x", "odconv_
 @pytest.mark.parametrize("conv", ONNX_CONVS)
 def test_deployed_model_exports_to_onnx_with_a_dynamic_batch(conv, tmp_path):
     """A deployed ResNet18 exports (``torch.onnx.export(dynamo=True)``, symbolic batch) and onnxruntime gives
-    the deployed and the original model's outputs at batch 1 and 3 (float32)."""
+    the deployed and the original model's outputs at batch 1 and 3 (float32; statistics calibrated in float64
+    on the 3 images)."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    model = calibrated("resnet18", conv, x)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    model = calibrated("resnet18", conv, x).float()
+    x = x.float()
     deployed = deploy(model)
     batch = torch.export.Dim("batch", min=1, max=64)
     program = torch.onnx.export(deployed, (x[:2],), dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
@@ -191,27 +200,7 @@ def test_deployed_model_exports_to_onnx_with_a_dynamic_batch(conv, tmp_path):
         with torch.no_grad():
             want, original = deployed(x[:size]), model(x[:size])
         got = torch.from_numpy(session.run(None, {name: x[:size].numpy()})[0])
-        scale = max(want.abs().max().item(), 1.0)
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * scale)
-        torch.testing.assert_close(got, original, rtol=0, atol=1e-4 * scale)
-
-
-@pytest.mark.slow
-def test_eval_py_deploy_gives_the_same_scores(tmp_path):
-    """``eval.py deploy=true`` scores the deployed copy of a trained checkpoint (BatchNorm statistics of one
-    epoch): the same top-1 and loss as the model itself, and every block norm folded."""
-    from cli import TINY, ok, run
-
-    cache, run_dir = tmp_path / "cache", tmp_path / "run"
-    model = ["model=resnet18", "conv=odconv_1x"]
-    ok(run("train.py", TINY + model + ["recipe.epochs=1", "recipe.scheduler.warmup_epochs=0"], run_dir, cache))
-    args = TINY[:4] + model + [f"checkpoint={run_dir / 'last.pt'}", "bench_batches=0"]
-    plain = json.loads(ok(run("eval.py", args, tmp_path / "eval", cache)).stdout.split("\nwritten to")[0])
-    deployed = json.loads(ok(run("eval.py", args + ["deploy=true"], tmp_path / "eval2", cache)).stdout
-                          .split("\nwritten to")[0])
-    assert "deployed_norms_folded" not in plain
-    # ResNet18 ODConv: 20 block / stem / downsample norms and 16 attention norms (test above)
-    assert deployed["deployed_norms_folded"] == 36
-    assert deployed["num_images"] == plain["num_images"] == 16
-    assert deployed["top1"] == plain["top1"]
-    assert deployed["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+        # float32: within what rounding-level changes of the weights do to this network (see above)
+        tol = max(1e-5 * want.abs().max().item(), 100 * rounding_sensitivity(deployed, x[:size], 1e-7))
+        torch.testing.assert_close(got, want, rtol=0, atol=tol)
+        torch.testing.assert_close(got, original, rtol=0, atol=tol)
