@@ -204,3 +204,24 @@ def test_deployed_model_exports_to_onnx_with_a_dynamic_batch(conv, tmp_path):
         tol = max(1e-5 * want.abs().max().item(), 100 * rounding_sensitivity(deployed, x[:size], 1e-7))
         torch.testing.assert_close(got, want, rtol=0, atol=tol)
         torch.testing.assert_close(got, original, rtol=0, atol=tol)
+
+
+@pytest.mark.slow
+def test_eval_py_deploy_gives_the_same_scores(tmp_path):
+    """``eval.py deploy=true`` scores the deployed copy of a trained checkpoint (BatchNorm statistics of one
+    epoch): the same top-1 and loss as the model itself, and every block norm folded."""
+    from cli import TINY, ok, run
+
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    model = ["model=resnet18", "conv=odconv_1x"]
+    ok(run("train.py", TINY + model + ["recipe.epochs=1", "recipe.scheduler.warmup_epochs=0"], run_dir, cache))
+    args = TINY[:4] + model + [f"checkpoint={run_dir / 'last.pt'}", "bench_batches=0"]
+    plain = json.loads(ok(run("eval.py", args, tmp_path / "eval", cache)).stdout.split("\nwritten to")[0])
+    deployed = json.loads(ok(run("eval.py", args + ["deploy=true"], tmp_path / "eval2", cache)).stdout
+                          .split("\nwritten to")[0])
+    assert "deployed_norms_folded" not in plain
+    # ResNet18 ODConv: 20 block / stem / downsample norms and 16 attention norms (test above)
+    assert deployed["deployed_norms_folded"] == 36
+    assert deployed["num_images"] == plain["num_images"] == 16
+    assert deployed["top1"] == plain["top1"]
+    assert deployed["loss"] == pytest.approx(plain["loss"], rel=1e-5)
