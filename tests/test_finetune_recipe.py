@@ -79,7 +79,7 @@ def test_recipe_composes_validates_and_schedules_start_exact_and_end_inside_the_
 
 
 def test_fine_tune_from_a_static_checkpoint_starts_at_its_accuracy(tmp_path):
-    """The epoch-0 row of the fine-tune (the converted ODConv model before any update) equals the static run's
+    """``trainer.eval_before_train``: the epoch-0 row of the fine-tune (the converted ODConv model before any update) equals the static run's
     evaluation of the checkpoint it starts from: ODConv 1x starts bitwise at the static function (its sigmoid
     heads start at 1/2 with the kernel scaled by 2^h, dynconv/pretrained.py), on the same validation data."""
     cache = tmp_path / "cache"
@@ -89,13 +89,18 @@ def test_fine_tune_from_a_static_checkpoint_starts_at_its_accuracy(tmp_path):
            static_dir, cache))
     static_row = summary(static_dir)["rows"][-1]
     assert static_row["epoch"] == 1  # best.pt is this epoch's checkpoint (the only one)
-    result = ok(run("train.py", TINY + arch + ["conv=odconv_1x", "recipe=finetune_static", "recipe.epochs=1",
-                                               f"model.pretrained={static_dir / 'best.pt'}",
-                                               "trainer.eval_before_train=true"], tuned_dir, cache))
+    tune = TINY + arch + ["conv=odconv_1x", "recipe=finetune_static", "recipe.epochs=1",
+                          f"model.pretrained={static_dir / 'best.pt'}"]
+    result = ok(run("train.py", tune + ["trainer.eval_before_train=true"], tuned_dir, cache))
     assert "epoch 0/1 (before training): " in result.stdout
     rows = summary(tuned_dir)["rows"]
     assert [r["epoch"] for r in rows] == [0, 1]
     start = rows[0]
     assert start["eval_top1"] == static_row["eval_top1"] and start["eval_top5"] == static_row["eval_top5"]
     assert math.isclose(start["eval_loss"], static_row["eval_loss"], rel_tol=1e-5)
+    assert start["eval_ema_top1"] == static_row["eval_top1"]  # the recipe's EMA starts at the converted weights
     assert "train_loss" not in start  # nothing was trained before it
+    # the epoch-0 evaluation changes nothing afterwards: the run trains exactly as it does without it
+    plain_dir = tmp_path / "plain"
+    ok(run("train.py", tune, plain_dir, cache))
+    assert summary(plain_dir)["rows"] == [{**rows[1], "epoch_time_s": summary(plain_dir)["rows"][0]["epoch_time_s"]}]

@@ -440,7 +440,10 @@ class Trainer:
         return summary
 
     def _eval_before_train(self, logger: RunLogger) -> None:
-        """Score the starting weights (schedules at progress 0) as an epoch-0 row; no checkpoint is written."""
+        """Score the starting weights (schedules at progress 0) as an epoch-0 row; no checkpoint is written.
+
+        It changes nothing the run computes afterwards: the loaders draw from their own seeded generators.
+        """
         row = {"epoch": 0, **self.validate(), "lr": current_lr(self.optimizer)}
         logger.log_epoch(row, step=0)
         if self.info.is_primary:
