@@ -2,18 +2,26 @@
 
 A BatchNorm in eval mode is the per-channel affine map ``y -> s * y + t`` with ``s = gamma / sqrt(var + eps)``
 and ``t = beta - s * mean`` (Ioffe & Szegedy, arXiv:1502.03167, Algorithm 2). Every dynconv layer is linear in
-its kernels and adds at most a static bias last, so ``s`` goes into the kernels (every expert, warehouse cell
-or member conv: the mixture of scaled kernels is the scaled mixture) and ``t`` into that last bias, after
-any attention that scales the output (ODConv's filter attention multiplies the conv before the BatchNorm, so
-the shift must not be multiplied by it). Which BatchNorm follows which layer is read from one traced
-forward pass: a BatchNorm is folded when its input is the output of a layer ``deploy`` knows (plain
-``nn.Conv2d`` / ``nn.Linear`` or a dynconv layer), that layer ran once, and nothing else reads its output.
-That also folds the BatchNorms inside the attention branches (ODConv's, KernelWarehouse's and DCD's
-``Q``-path) and DGC's internal pre-activation BatchNorm where the layer before it is a plain conv.
+its kernels and adds at most a static bias last, so ``s`` goes into the kernels (every CondConv / DY-Conv
+expert, ODConv kernel, DCD's ``W0`` and ``P``, DGC head, IC-Conv member: the mixture of scaled kernels is the
+scaled mixture) and ``t`` into that last bias, after any attention that scales the output (ODConv's filter
+attention multiplies the conv before the BatchNorm, so the shift must not be multiplied by it).
+KernelWarehouse cells are shared by layers with different BatchNorms, so a KW layer keeps its scale as a
+per-channel factor of its assembled kernels or of its output, whichever is smaller
+(:class:`DeployedKWConv2d`).
+
+Which BatchNorm follows which layer is read from one traced forward pass: a BatchNorm is folded when its
+input is the output of a layer ``deploy`` knows (plain ``nn.Conv2d`` / ``nn.Linear`` or a dynconv layer),
+that layer ran once, and nothing else reads its output. That also folds the BatchNorms inside the attention
+branches (ODConv's, KernelWarehouse's, DCD's ``Q``-path) and DGC's internal pre-activation BatchNorm where
+the layer before it is a plain conv; DCD's latent BatchNorm (``bn2``) is folded through ``P``.
 
 Not folded (no exact fold exists): BatchNorms after a ReLU or a residual sum (DGC's pre-activation on
-ResNet), LayerNorms (ConvNeXt), ODConv's channel and filter attentions (input-dependent scalings of the
-input and output; they stay elementwise multiplies).
+ResNet), LayerNorms (ConvNeXt, KernelWarehouse's ConvNeXt attention), BatchNorms that still normalise with
+batch statistics (an untrained DCD / DGC model), ODConv's channel and filter attentions (input-dependent
+scalings of the input and output; they stay elementwise multiplies). Input-independent work is done once:
+a warm-up forward builds DGC's weight layout and IC-Conv's packed kernels, which the frozen parameters keep
+cached.
 
 The deployed model is for inference only: it is in eval mode, its parameters do not require gradients,
 and training it is not supported (the layers' training-time BatchNorm behaviour is gone).
