@@ -5,6 +5,7 @@ Importing the package registers every (variant, arch) pair with timm (``odconv4x
 """
 from . import _timm  # noqa: F401  (registers the timm entrypoints)
 from .auxiliary import auxiliary_loss
+from .deploy import deploy
 from .accounting import count_macs, count_params, macs_breakdown
 from .models import ARCHS, create_model, list_archs
 from .official import ImportReport, export_official, import_official
@@ -26,6 +27,7 @@ __all__ = [
     "count_macs",
     "count_params",
     "create_model",
+    "deploy",
     "drive_schedules",
     "export_official",
     "get_variant",
