@@ -298,11 +298,35 @@ def _map_kw(layer: KWConv2d, path, weight, bias, report) -> None:
     layers.append(f"{path}.weight -> cells {start}:{layer.cell_range[1]} ({len(owned)}/{layer.num_mixtures} blocks)")
     report.mapped[key] = f"cells from the blocks of {len(layers)} static kernels at tau = 1"
     _copy_bias(layer, path, bias, report)
+    if len(owned) == layer.num_mixtures:
+        _start_kw_attention_at_its_cells(layer.attention, path, report)
     if len(owned) < layer.num_mixtures:
         report._worsen("not preserved")
         report.notes.append(
             f"{path}: budget {ratio:g}x < 1: at tau = 1 {layer.num_mixtures - len(owned)} of {layer.num_mixtures} "
             "mixtures take the zero cell (official assignment), so their blocks of the static kernel are lost")
+
+
+# Logit of each mixture's own cell when the attention starts from static weights: the attention normalises its
+# logits as z / (sum |z| + 1e-3), so a logit c keeps c / (c + 1e-3) of its cell and the kernel is
+# W ((1 - tau) c / (c + 1e-3) + tau): exact at tau = 1, off by 1e-4 (1 - tau) at c = 10. Larger c would be
+# closer still but shrinks what the learnt logits change; 10 fine-tunes (results/finetune_static_demo.md).
+KW_START_LOGIT = 10.0
+
+
+def _start_kw_attention_at_its_cells(att: Any, path: str, report: PretrainedReport) -> None:
+    """The attention's logits start at ``KW_START_LOGIT * beta`` for every input: at every tau each mixture
+    then takes (almost only) the cell that holds its block of the static kernel. With the official random
+    init, logits of unrelated cells mix in as soon as tau < 1 and a converted model falls to chance."""
+    nn.init.zeros_(att.fc2.weight)
+    report.adjusted[f"{path}.attention.fc2.weight"] = "0"
+    start = KW_START_LOGIT * att.temp_bias.flatten()
+    if att.fc3 is None:
+        _set(att.fc2.bias, start)
+        report.adjusted[f"{path}.attention.fc2.bias"] = f"{KW_START_LOGIT:g} * beta"
+    else:  # fc2 has no bias; its zero output reaches fc3 as zeros, so the basis bias alone gives the logits
+        _set(att.basis_bias, start)
+        report.adjusted[f"{path}.attention.basis_bias"] = f"{KW_START_LOGIT:g} * beta"
 
 
 def _map_kw_linear(layer: KWLinear, path, weight, bias, report) -> None:

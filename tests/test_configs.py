@@ -49,7 +49,7 @@ def test_groups_cover_every_arch_and_conv():
     assert options("model") == sorted(dynconv.list_archs())
     assert options("conv") == sorted(dynconv.list_convs())
     assert options("recipe") == ["classic_100ep", "convnext_300ep", "demo", "det_1x_adamw", "det_1x_sgd",
-                                 "det_demo", "mobilenetv2_150ep"]
+                                 "det_demo", "finetune_static", "mobilenetv2_150ep"]
     assert options("data") == ["coco", "imagenet", "synthetic", "synthetic_coco"]
     assert options("logger") == ["none", "wandb"] and options("task") == ["classification", "detection"]
     assert options("detector") == ["faster_rcnn", "mask_rcnn"]

@@ -22,7 +22,7 @@ IGNORED = (
     "trainer.device", "trainer.workers", "trainer.progress", "trainer.log_interval", "trainer.checkpoint_interval",
     "trainer.resume", "trainer.resume_changes", "trainer.reuse_freed_memory", "trainer.max_epochs",
     "trainer.eval_batch_size", "trainer.limit_eval_batches", "trainer.nan_policy", "trainer.max_nan_skips",
-    "trainer.compile", "trainer.deterministic",
+    "trainer.compile", "trainer.deterministic", "trainer.eval_before_train",
 )
 # Values a resumed run may change when asked to (trainer.resume_changes=[...]): the run goes on from its
 # checkpoint under the new value; the learning-rate schedule is rebuilt for it (a longer run decays over
