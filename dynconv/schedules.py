@@ -159,9 +159,12 @@ def drive_schedules(model: nn.Module, steps_per_epoch: Optional[int]) -> nn.Modu
     if handle is not None:
         handle.remove()
         delattr(model, _CLOCK)
-    for module in scheduled_modules(model):
-        if hasattr(module, "start_clock"):
-            module.start_clock(int(steps_per_epoch)) if steps_per_epoch is not None else module.stop_clock()
-    if steps_per_epoch is not None:
-        setattr(model, _CLOCK, model.register_forward_pre_hook(ScheduleClock()))
+    clocked = [m for m in scheduled_modules(model) if hasattr(m, "start_clock")]
+    if steps_per_epoch is None:
+        for module in clocked:
+            module.stop_clock()
+        return model
+    for module in clocked:
+        module.start_clock(int(steps_per_epoch))
+    setattr(model, _CLOCK, model.register_forward_pre_hook(ScheduleClock()))
     return model
