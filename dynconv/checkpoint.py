@@ -305,6 +305,20 @@ def first_non_finite(*modules: Optional[nn.Module]) -> Optional[str]:
     return None
 
 
+def checkpoint_num_classes(obj: Mapping[str, Any]) -> int:
+    """The classifier width of a checkpoint: its ``meta`` says it (dynconv), else the last 2-D weight."""
+    meta = obj.get("meta") if isinstance(obj.get("meta"), Mapping) else None
+    if meta and meta.get("num_classes"):
+        return int(meta["num_classes"])
+    state: Any = obj
+    for key in ("model", "state_dict", "model_ema", "state_dict_ema"):
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+            break
+    weights = [v for k, v in state.items() if isinstance(v, torch.Tensor) and v.ndim == 2 and k.endswith("weight")]
+    return int(weights[-1].shape[0]) if weights else 1000
+
+
 def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, Mapping) and len(obj) > 0 and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()

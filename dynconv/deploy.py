@@ -224,7 +224,7 @@ class DeployedKWConv2d(KWConv2d):
 
 
 class _DeployedKWTokenConv(DeployedKWConv2d, _KWTokenConv):
-    pass
+    """The deployed form of a KernelWarehouse linear layer's token conv (both bases' behaviour, nothing added)."""
 
 
 _DEPLOYED_KW = {KWConv2d: DeployedKWConv2d, _KWTokenConv: _DeployedKWTokenConv}

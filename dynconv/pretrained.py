@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .checkpoint import CheckpointError, load_checkpoint, load_weights, unwrap_model
+from .checkpoint import CheckpointError, checkpoint_num_classes, load_checkpoint, load_weights, unwrap_model
 from .ops._scheduled import schedule_state_keys
 from .ops.condconv import CondConv2d
 from .ops.dcd import DCDConv2d, DCDLinear
@@ -137,14 +137,13 @@ def load_static(arch: str, source: Source) -> Tuple[Dict[str, torch.Tensor], str
             ) from err
         where = f"timm:{arch}.{static.pretrained_cfg.get('tag') or 'default'}"
         return static.state_dict(), where, f"timm's pretrained {arch}"
-    from .detection.backbone import _checkpoint_classes
 
     if isinstance(source, Mapping):
         obj, where = source, "<in-memory state dict>"
     else:
         obj, where = load_checkpoint(source), str(source)
     try:
-        classes = _checkpoint_classes(obj)
+        classes = checkpoint_num_classes(obj)
     except (CheckpointError, KeyError, ValueError, TypeError) as err:
         raise CheckpointError(f"static checkpoint {where}: cannot find its classifier ({err})") from err
     static = create_model(arch, "static", num_classes=classes)

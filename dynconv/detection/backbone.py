@@ -29,7 +29,7 @@ from timm.layers import LayerNorm2d
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..checkpoint import CheckpointError, load_checkpoint, load_weights
+from ..checkpoint import CheckpointError, checkpoint_num_classes, load_checkpoint, load_weights
 from ..models import create_model
 
 PathLike = Union[str, Path]
@@ -132,7 +132,7 @@ class DynamicBackbone(nn.Module):
         """
         obj = load_checkpoint(source) if not isinstance(source, Mapping) else source
         where = str(source) if not isinstance(source, Mapping) else "<in-memory checkpoint>"
-        classes = _checkpoint_classes(obj)
+        classes = checkpoint_num_classes(obj)
         full = create_model(self.arch, self.conv, num_classes=classes, **self.options)
         try:
             report = load_weights(full, obj, expect={"arch": self.arch, "conv": self.conv}, use_ema=use_ema)
@@ -182,20 +182,6 @@ class DynamicBackbone(nn.Module):
 
     def extra_repr(self) -> str:
         return f"arch={self.arch}, conv={self.conv}, frozen_stages={self.frozen_stages}, norm_eval={self.norm_eval}"
-
-
-def _checkpoint_classes(obj: Mapping[str, Any]) -> int:
-    """The classifier width of a checkpoint: its ``meta`` says it (dynconv), else the last 2-D weight."""
-    meta = obj.get("meta") if isinstance(obj.get("meta"), Mapping) else None
-    if meta and meta.get("num_classes"):
-        return int(meta["num_classes"])
-    state: Any = obj
-    for key in ("model", "state_dict", "model_ema", "state_dict_ema"):
-        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
-            state = state[key]
-            break
-    weights = [v for k, v in state.items() if isinstance(v, torch.Tensor) and v.ndim == 2 and k.endswith("weight")]
-    return int(weights[-1].shape[0]) if weights else 1000
 
 
 def level_channels(arch: str, conv: str = "static", **options: Any) -> List[int]:
