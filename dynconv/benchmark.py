@@ -254,3 +254,103 @@ def profile_training_step(arch: str, conv: str, settings: BenchSettings = BenchS
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return {"ops": prof.key_averages().table(sort_by=sort, row_limit=rows),
             "shapes": prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=rows)}
+
+
+def _onnx_session(model: nn.Module, x: torch.Tensor, path: str):
+    """An onnxruntime session of ``model`` exported with a symbolic batch (``torch.onnx.export(dynamo=True)``,
+    the export dynconv supports), on as many threads as torch uses."""
+    import onnxruntime as ort
+
+    batch = torch.export.Dim("batch", min=1, max=64)
+    example = x.expand(2, *x.shape[1:]).contiguous()
+    torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False).save(path)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    feed = {name: x.numpy()}
+    return lambda: session.run(None, feed)
+
+
+def latency_vs_bound(arch: str, convs: Sequence[str], settings: BenchSettings = BenchSettings(),
+                     runtimes: Sequence[str] = ("eager", "compile", "onnx"), repeats: int = 30,
+                     rates=None) -> List[Dict[str, object]]:
+    """Batch-1 latency of each of ``convs`` on ``arch`` against the bound its method imposes
+    (:mod:`dynconv.latency_bound`), measured on this machine in this run.
+
+    Every model is timed as :func:`dynconv.deploy` gives it (BatchNorms folded: what a user ships) and, in
+    eager mode, also as built. ``static`` is added when missing; its deployed eager time is the bound's static
+    time. Runtimes: ``"eager"`` (always, round-robin with static), ``"compile"`` (``torch.compile`` of the
+    deployed model) and ``"onnx"`` (onnxruntime on the exported deployed model); a runtime that fails for a
+    model records its error instead of a time.
+    """
+    import tempfile
+
+    from . import count_macs, create_model
+    from .deploy import deploy
+    from .latency_bound import latency_bound, measure_rates, method_costs
+
+    device = _prepare(settings)
+    if device.type != "cpu":
+        raise ValueError("latency_vs_bound measures CPU latency (its bandwidth and ORT runs are CPU ones)")
+    names = ["static", *[c for c in convs if c != "static"]]
+    size = settings.image_size
+    x, _ = _inputs(1, settings, device)
+    models, deployed = {}, {}
+    for conv in names:
+        torch.manual_seed(0)
+        models[conv] = create_model(arch, conv, num_classes=settings.num_classes).eval()
+        deployed[conv] = deploy(models[conv], x)
+    rates = rates or measure_rates()
+    costs = {c: method_costs(m, (1, 3, size, size)) for c, m in deployed.items()}
+    static_macs = count_macs(deployed["static"], (1, 3, size, size))
+
+    def forward(model: Callable) -> Callable[[], None]:
+        def run() -> None:
+            with torch.inference_mode():
+                model(x)
+        return run
+
+    cases = {c: forward(m) for c, m in deployed.items()}
+    cases.update({f"{c}/model": forward(m) for c, m in models.items() if c != "static"})
+    eager = interleaved_medians(cases, repeats, settings.warmup, device)
+    timed: Dict[str, Dict[str, float]] = {}
+    errors: Dict[str, Dict[str, str]] = {}
+    if "compile" in runtimes or "onnx" in runtimes:
+        with tempfile.TemporaryDirectory() as tmp:
+            for runtime in [r for r in ("compile", "onnx") if r in runtimes]:
+                fns = {}
+                for conv, model in deployed.items():
+                    try:
+                        if runtime == "compile":
+                            torch._dynamo.reset()
+                            fn = forward(torch.compile(model))
+                        else:
+                            fn = _onnx_session(model, x, f"{tmp}/{conv}.onnx")
+                        fn()  # compiles / builds the session
+                        fns[conv] = fn
+                    except Exception as error:  # noqa: BLE001 (recorded in the table instead)
+                        errors.setdefault(conv, {})[runtime] = f"{type(error).__name__}: {str(error)[:200]}"
+                timed[runtime] = interleaved_medians(fns, repeats, settings.warmup, device) if fns else {}
+    rows = []
+    static = eager["static"]
+    for conv in names:
+        bound = latency_bound(costs[conv], static, static_macs, rates)
+        cost = costs[conv]
+        row: Dict[str, object] = {
+            "arch": arch, "conv": conv, "bound_s": round(bound, 6), "bound_ratio": round(bound / static, 3),
+            "eager_s": round(eager[conv], 6), "eager_bound_ratio": round(eager[conv] / bound, 3),
+            "eager_static_ratio": round(eager[conv] / static, 3),
+            "eager_model_s": round(eager.get(f"{conv}/model", eager[conv]), 6),
+            "bytes_mb": round(sum(layer.bytes for layer in cost.layers) / 2**20, 2),
+            "mixing_macs_m": round(cost.total("mixing_macs") / 1e6, 2),
+            "conv_macs_m": round(cost.total("conv_macs") / 1e6, 2),
+            "attention_macs_m": round(cost.total("attention_macs") / 1e6, 3),
+        }
+        for runtime, key in (("compile", "compiled_s"), ("onnx", "onnxruntime_s")):
+            if runtime in timed and conv in timed[runtime]:
+                row[key] = round(timed[runtime][conv], 6)
+        if conv in errors:
+            row["errors"] = errors[conv]
+        rows.append(row)
+    return rows
