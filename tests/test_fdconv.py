@@ -1,0 +1,182 @@
+"""FDConv (Chen et al., CVPR 2025; official code Linwei-Chen/FDConv ``FDConv_detection/mmdet_custom/FDConv.py``).
+
+The reference below is written from the paper's equations (Sec. 3.1-3.3) with the official code's constants, in
+float64, without ``torch.fft``: explicit DFT sums, per-sample loops, the ECA 1-D conv as a sum over taps.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dynconv
+from dynconv.ops.fdconv import FDConv2d, eca_kernel_size, spectral_groups
+
+# -- the slow reference --------------------------------------------------------------------------------------
+
+
+def _freq(n: int) -> torch.Tensor:
+    """numpy/torch ``fftfreq`` by its definition: ``k / n`` for ``k < (n + 1) // 2``, else ``k / n - 1``."""
+    k = torch.arange(n, dtype=torch.float64)
+    return torch.where(k < (n + 1) // 2, k / n, k / n - 1)
+
+
+def _inverse_real_dft(spectrum: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``irfft2`` by its sum (unnormalised forward, ``1 / (H W)`` back): ``m[y, x] = 1/(HW) Re sum_u sum_v c_v
+    X[u, v] e^{2 pi i (u y / H + v x / W)}`` with ``c_v = 2`` except the zero (and, ``W`` even, Nyquist) column,
+    ``c_v = 1``: the half spectrum stands for its Hermitian mirror. ``spectrum`` ``(..., H, W // 2 + 1)`` complex."""
+    u, y = torch.arange(height, dtype=torch.float64), torch.arange(height, dtype=torch.float64)
+    v, x = torch.arange(width // 2 + 1, dtype=torch.float64), torch.arange(width, dtype=torch.float64)
+    rows = torch.exp(2j * math.pi * torch.outer(y, u) / height)  # (H, H)
+    cols = torch.exp(2j * math.pi * torch.outer(v, x) / width)  # (Wr, W)
+    c = torch.full((width // 2 + 1,), 2.0, dtype=torch.float64)
+    c[0] = 1.0
+    if width % 2 == 0:
+        c[-1] = 1.0
+    return (rows @ (spectrum * c.to(spectrum.dtype)) @ cols).real / (height * width)
+
+
+def _forward_real_dft(signal: torch.Tensor) -> torch.Tensor:
+    """``rfft2`` by its sum: ``X[u, v] = sum_y sum_x s[y, x] e^{-2 pi i (u y / H + v x / W)}``, ``v <= W // 2``."""
+    height, width = signal.shape[-2:]
+    u, y = torch.arange(height, dtype=torch.float64), torch.arange(height, dtype=torch.float64)
+    v, x = torch.arange(width // 2 + 1, dtype=torch.float64), torch.arange(width, dtype=torch.float64)
+    rows = torch.exp(-2j * math.pi * torch.outer(u, y) / height)
+    cols = torch.exp(-2j * math.pi * torch.outer(x, v) / width)
+    return rows @ signal.to(torch.complex128) @ cols
+
+
+def _band_mask(k: int, height: int, width: int) -> torch.Tensor:
+    """FBM's mask for divisor ``k`` on an ``height x width`` map: ``max(|f_u|, |f_v|) < 0.5 / k + 1e-8`` on a
+    64 x 64 grid (official ``_precompute_masks``), picked by nearest-neighbour index ``floor(i * in / out)``. The
+    official comparison is in float32, where ``0.5 / k + 1e-8`` is ``0.5 / k`` for k = 2 (the bin at 1/4 is out)
+    but not for k = 4, 8 (1e-8 is more than half a float32 step at 1/8 and 1/16: those bins are in)."""
+    grid = torch.maximum(_freq(64).abs()[:, None], (torch.arange(33, dtype=torch.float64) / 64)[None, :])
+    mask = grid.float() < torch.tensor(0.5 / k + 1e-8, dtype=torch.float32)
+    rows = torch.tensor([i * 64 // height for i in range(height)])
+    cols = torch.tensor([j * 33 // (width // 2 + 1) for j in range(width // 2 + 1)])
+    return mask[rows][:, cols].to(torch.float64)
+
+
+def reference_fdconv(layer: FDConv2d, x: torch.Tensor) -> torch.Tensor:
+    """FDConv's output by the paper's equations, sample by sample, from ``layer``'s parameters (train-mode
+    BatchNorm statistics when ``layer.training``)."""
+    B, c_in, height, width = x.shape
+    c_out, k = layer.out_channels, layer.kernel_size[0]
+    g = layer.KSM_Global
+    pooled = x.mean((2, 3))  # (B, C_in)
+    # KSM global (Eq. 4-5 with the official heads): 1x1 conv, BatchNorm, StarReLU, heads
+    z = pooled @ g.fc.weight.flatten(1).T
+    if layer.training:
+        mean, var = z.mean(0), z.var(0, unbiased=False)
+    else:
+        mean, var = g.bn.running_mean, g.bn.running_var
+    z = (z - mean) / torch.sqrt(var + g.bn.eps) * g.bn.weight + g.bn.bias
+    h = g.relu.scale * torch.clamp(z, min=0) ** 2 + g.relu.bias
+
+    def head(conv: nn.Conv2d) -> torch.Tensor:
+        return h @ conv.weight.flatten(1).T + conv.bias
+
+    channel = 2 * torch.sigmoid(head(g.channel_fc))  # att_multi 2, temperature 1
+    filt = 2 * torch.sigmoid(head(g.filter_fc))
+    spatial = 2 * torch.sigmoid(head(g.spatial_fc)).reshape(B, k, k) if k > 1 else torch.ones(B, k, k)
+    kernel_att = 2 / layer.kernel_num * torch.sigmoid(head(g.kernel_fc))
+    # KSM local (Eq. 6): LayerNorm over the pooled channels, ECA 1-D conv with C_out k^2 filters
+    loc = layer.KSM_Local
+    normed = (pooled - pooled.mean(1, keepdim=True)) / torch.sqrt(pooled.var(1, unbiased=False, keepdim=True)
+                                                                  + loc.norm.eps) * loc.norm.weight + loc.norm.bias
+    taps = loc.conv.weight[:, 0]  # (C_out k^2, size)
+    size = taps.shape[1]
+    padded = F.pad(normed, ((size - 1) // 2, (size - 1) // 2))
+    logits = sum(taps[None, :, t, None] * padded[:, None, t:t + c_in] for t in range(size))  # (B, C_out k^2, C_in)
+    local = 2 * torch.sigmoid(logits.reshape(B, c_out, k, k, c_in).permute(0, 1, 4, 2, 3))
+    # FDW (Eq. 2-3): group g's bins of the spectrum, weighted by the kernel attention, inverse real DFT
+    spectrum = torch.view_as_complex(layer.dft_weight[0].contiguous()) * layer.alpha
+    rows, cols = c_out * k, c_in * k
+    outputs = []
+    for b in range(B):
+        weighted = spectrum * kernel_att[b][layer.groups_of_bins]
+        matrix = _inverse_real_dft(weighted, rows, cols)
+        kernel = matrix.reshape(c_out, k, c_in, k).permute(0, 2, 1, 3)
+        kernel = kernel * local[b] * spatial[b] * channel[b][None, :, None, None] * filt[b][:, None, None, None]
+        xb = x[b]
+        if layer.FBM is not None:  # FBM (Eq. 7-8): bands between successive low-passes, each scaled by a map
+            spec = _forward_real_dft(xb)
+            out, previous = torch.zeros_like(xb), xb
+            for kk, conv in zip((2, 4, 8), layer.FBM.freq_weight_conv_list):
+                low = _inverse_real_dft(spec * _band_mask(kk, height, width), height, width)
+                amap = 2 * torch.sigmoid(F.conv2d(xb[None], conv.weight, conv.bias, padding=1)[0])
+                out = out + amap * (previous - low)
+                previous = low
+            xb = out + previous
+        outputs.append(F.conv2d(xb[None], kernel, layer.bias, layer.stride, layer.padding))
+    return torch.cat(outputs)
+
+
+def _randomised(layer: nn.Module, seed: int = 0) -> nn.Module:
+    """Every parameter moved off its (near-constant) initialisation, so each attention varies."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.2 * (p.abs().mean() + 0.05))
+    return layer
+
+
+@pytest.mark.parametrize("c_in,c_out,k,stride,hw", [(24, 32, 3, 1, (9, 10)), (32, 20, 1, 1, (6, 5)),
+                                                  (20, 24, 3, 2, (8, 7))])
+@pytest.mark.parametrize("training", [True, False])
+def test_matches_the_equations_in_float64_outputs_and_gradients(c_in, c_out, k, stride, hw, training):
+    torch.manual_seed(0)
+    layer = FDConv2d(c_in, c_out, k, stride=stride, padding=k // 2, bias=True, kernel_num=8).double()
+    _randomised(layer).train(training)
+    if not training:
+        with torch.no_grad():
+            layer.KSM_Global.bn.running_mean.normal_()
+            layer.KSM_Global.bn.running_var.uniform_(0.5, 2)
+    assert (layer.FBM is not None) == (k == 3)
+    x = torch.randn(3, c_in, *hw, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    y_ref = reference_fdconv(layer, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-10)
+    params = [x, *layer.parameters()]
+    grads = torch.autograd.grad((y * y_ref.detach().cos()).sum(), params)
+    grads_ref = torch.autograd.grad((y_ref * y_ref.detach().cos()).sum(), params, allow_unused=True)
+    names = ["x", *(n for n, _ in layer.named_parameters())]
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        if g_ref is None:  # the BatchNorm affine in eval mode reaches the output: never None here
+            g_ref = torch.zeros_like(g)
+        torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-10, msg=name)
+
+
+def test_spectral_groups_are_runs_of_the_distance_order():
+    """Disjoint groups of equal size, group g's bins no farther from the zero frequency than group g+1's (paper
+    Sec. 3.1: 'frequency-disjoint'; the official split into ``kernel_num`` equal runs of the sorted bins)."""
+    rows, cols, n = 192, 96, 64
+    groups = spectral_groups(rows, cols, n)
+    dist = torch.sqrt(_freq(rows)[:, None] ** 2 + (torch.arange(cols // 2 + 1) / cols)[None, :] ** 2)
+    sizes = torch.bincount(groups.flatten(), minlength=n)
+    assert sizes.min() == sizes.max() == rows * (cols // 2 + 1) // n
+    for gi in range(n - 1):
+        assert dist[groups == gi].max() <= dist[groups == gi + 1].min() + 1e-7
+    # not dividing: near-equal runs
+    sizes = torch.bincount(spectral_groups(30, 10, 7).flatten(), minlength=7)
+    assert sizes.sum() == 30 * 6 and sizes.max() - sizes.min() <= 1
+
+
+def test_eca_kernel_size_is_the_official_formula():
+    """``round(log2(C) / 2 + 0.5) // 2 * 2 + 1`` with Python's round-half-to-even: C=64 -> log2 6 -> round(3.5)=4 -> 5."""
+    assert [eca_kernel_size(c) for c in (64, 128, 256, 512, 2048)] == [5, 5, 5, 5, 7]
+
+
+def test_initial_kernel_is_the_converted_kernel():
+    """With the official init the heads' weights are normal(0, 1e-6) (channel, spatial, kernel, local, FBM), so
+    the kernel attention is 1/n per group and alpha * (1/n) * rfft2(M) / (min(C) // 2) = rfft2(M): every sample
+    starts at ``static_kernel()``, the converted static kernel (official ``convert2dftweight``)."""
+    conv = nn.Conv2d(64, 48, 3, padding=1, bias=False).double()
+    layer = FDConv2d.from_conv(conv)
+    torch.testing.assert_close(layer.static_kernel(), conv.weight, rtol=0, atol=1e-12)
+    a_k = torch.full((2, layer.kernel_num), 1.0 / layer.kernel_num, dtype=torch.float64)
+    torch.testing.assert_close(layer.fdw_kernels(a_k), conv.weight.expand(2, -1, -1, -1, -1), rtol=0, atol=1e-12)
