@@ -140,7 +140,8 @@ def per_sample_conv2d(
     # into uninitialised memory (see dynconv._compat.contiguous_grad); on other torch releases a no-op.
     x = contiguous_grad(x)
     # per-sample kernels (and scaled copies) to rebuild in the backward instead of keeping them
-    recipes = KernelRecipes(wanted=rebuild is not None or tap_scale is not None or in_scale is not None)
+    recipes = KernelRecipes(wanted=rebuild is not None or tap_scale is not None or in_scale is not None
+                            or path == "matmul")
     if rebuild is not None and weight.dim() == 5:
         recipes.add(weight, rebuild)
     with rebuilt_in_backward(recipes, x.device):
@@ -159,7 +160,7 @@ def _conv(path: str, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int
           recipes: KernelRecipes) -> torch.Tensor:
     batch, c_out = x.shape[0], weight.shape[-4]
     if path == "matmul":
-        out = _matmul_conv(x, weight, stride, padding, dilation, groups, tap_scale)
+        out = _matmul_conv(x, weight, stride, padding, dilation, groups, tap_scale, recipes)
     else:
         if tap_scale is not None:
             if weight.dim() == 4:  # shared kernel: only its scaled per-sample copies are per-sample
@@ -184,22 +185,38 @@ def _conv(path: str, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int
 
 
 def _matmul_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Padding,
-                 dilation: Sequence[int], groups: int, tap_scale: Optional[torch.Tensor]) -> torch.Tensor:
-    """The conv as ``kernels @ unfolded input``, batched over samples and groups."""
+                 dilation: Sequence[int], groups: int, tap_scale: Optional[torch.Tensor],
+                 recipes: Optional[KernelRecipes] = None) -> torch.Tensor:
+    """The conv as ``kernels @ unfolded input``, batched over samples and groups.
+
+    The unfolded input (``kh * kw`` times the input) and its tap-scaled copy are rebuilt in the backward
+    from the input (itself kept, or rebuilt by its own recipe) instead of kept: with ``recipes`` enabled.
+    """
     batch, c_in = x.shape[:2]
     (kh, kw) = weight.shape[-2:]
     if isinstance(padding, str):
         padding = _numeric_padding(padding, (kh, kw), stride, dilation)
+    recipes = recipes if recipes is not None else KernelRecipes(wanted=False)
+    source = recipes.get(x) or (lambda: x)
     cols, out_h, out_w = unfold_taps(x, (kh, kw), stride, padding, dilation)  # (B, C_in, taps, pixels)
+    unfolded = lambda: unfold_taps(source(), (kh, kw), stride, padding, dilation)[0]  # noqa: E731
+    if not _same_storage(cols, x):  # a 1x1 stride-1 kernel unfolds to a view of the input: nothing to add
+        recipes.add(cols, unfolded)
+    rebuilt_cols, unscaled = unfolded, cols  # held to the end: a recipe's tensor must outlive the saves
     if tap_scale is not None:
-        cols = cols * tap_scale.reshape(batch, 1, kh * kw, 1)
+        taps = tap_scale.reshape(batch, 1, kh * kw, 1)
+        cols = cols * taps
+        rebuilt_cols = lambda: unfolded() * taps  # noqa: E731
+        recipes.add(cols, rebuilt_cols)
     cols = cols.reshape(batch, groups, (c_in // groups) * kh * kw, out_h * out_w)
     c_out = weight.shape[-4]
     if weight.dim() == 4 and groups == 1:
         # one kernel for all: a single matmul over the batch's pixels, so the backward yields one weight
         # gradient instead of one per sample (B times the memory, then summed)
         pixels = cols.shape[-1]
-        out = weight.reshape(c_out, -1) @ cols[:, 0].transpose(0, 1).reshape(-1, batch * pixels)
+        cols = cols[:, 0].transpose(0, 1).reshape(-1, batch * pixels)  # a copy (the batch moves inward)
+        recipes.add(cols, lambda: rebuilt_cols().reshape(batch, -1, pixels).transpose(0, 1).reshape(-1, batch * pixels))
+        out = weight.reshape(c_out, -1) @ cols
         return out.reshape(c_out, batch, out_h, out_w).transpose(0, 1).contiguous()
     kernels = weight.reshape(*weight.shape[:-4], groups, c_out // groups, -1)  # ([B,] g, C_out / g, K)
     if weight.dim() == 5 and torch.is_grad_enabled() and not tracing():
@@ -225,11 +242,18 @@ class _PerSampleMatmul(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         kernels, cols = ctx.saved_tensors
         d_kernels = d_cols = None
-        if ctx.needs_input_grad[0]:
-            d_kernels = (grad @ cols.to(grad.dtype).transpose(-1, -2)).to(ctx.dtypes[0])
+        # the input gradient first: the kernels (rebuilt for this backward, B x the layer's weights) are
+        # freed before their gradient, as large, is made
         if ctx.needs_input_grad[1]:
             d_cols = (grad.transpose(-1, -2) @ kernels.to(grad.dtype)).transpose(-1, -2).to(ctx.dtypes[1])
+        del kernels
+        if ctx.needs_input_grad[0]:
+            d_kernels = (grad @ cols.to(grad.dtype).transpose(-1, -2)).to(ctx.dtypes[0])
         return d_kernels, d_cols
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _numeric_padding(padding: str, kernel: Sequence[int], stride: Sequence[int],
@@ -287,11 +311,13 @@ def cell_conv2d(
     :func:`per_sample_conv2d`).
     """
     batch = x.shape[0]
-    recipes = KernelRecipes(wanted=rebuild is not None)
+    recipes = KernelRecipes()  # the unfolded input (kh * kw times the input) is rebuilt too
     if rebuild is not None:
         recipes.add(cells, rebuild)
     with rebuilt_in_backward(recipes, x.device):
         cols, out_h, out_w = unfold_taps(x, kernel_size, stride, padding, dilation, taps_first=True)
+        if cols.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+            recipes.add(cols, lambda: unfold_taps(x, kernel_size, stride, padding, dilation, taps_first=True)[0])
         out = _CellMatmul.apply(cells, cols, blocks)  # (O, B, C_out / O, pixels)
     return out.transpose(0, 1).reshape(batch, -1, out_h, out_w)
 
@@ -317,10 +343,6 @@ class _CellMatmul(torch.autograd.Function):
         (n_out, n_in), taps, cell_in = ctx.blocks, ctx.taps, ctx.cells_shape[-1]
         grad = grad.contiguous()  # (O, B, C_out / O, pixels)
         d_cells = d_cols = None
-        if ctx.needs_input_grad[0]:
-            d_cells = grad.new_empty(ctx.cells_shape)
-            for j, s, o, i in _cell_indices(taps, n_out, n_in):
-                torch.bmm(grad[o], cols[:, s, i * cell_in:(i + 1) * cell_in].transpose(1, 2), out=d_cells[j])
         if ctx.needs_input_grad[1]:
             batch, pixels = grad.shape[1], grad.shape[-1]
             # (taps, B, pixels, C_in), returned as a (B, taps, C_in, pixels) view: each product below is
@@ -329,6 +351,11 @@ class _CellMatmul(torch.autograd.Function):
             for j, s, o, i in _cell_indices(taps, n_out, n_in):
                 d_cols[s, :, :, i * cell_in:(i + 1) * cell_in].baddbmm_(grad[o].transpose(1, 2), cells[j])
             d_cols = d_cols.permute(1, 0, 3, 2)
+        del cells  # (rebuilt for this backward, B x the layer's weights) freed before its gradient is made
+        if ctx.needs_input_grad[0]:
+            d_cells = grad.new_empty(ctx.cells_shape)
+            for j, s, o, i in _cell_indices(taps, n_out, n_in):
+                torch.bmm(grad[o], cols[:, s, i * cell_in:(i + 1) * cell_in].transpose(1, 2), out=d_cells[j])
         return d_cells, d_cols, None
 
 
