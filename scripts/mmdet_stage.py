@@ -9,7 +9,8 @@ For each config this:
 1. builds the detector the config describes (80 COCO classes) and checks its parameter count against the
    "built" column of ``configs/mmdet/README.md``;
 2. writes an ImageNet classifier checkpoint of the config's arch and conv with dynconv's own checkpoint
-   writer (:class:`dynconv.checkpoint.CheckpointManager`, random weights) and points the config's
+   writer (:class:`dynconv.checkpoint.CheckpointManager`, random weights), or for an ``init_cfg`` with
+   ``static=True`` (FDConv's configs) a plain state dict of the static arch, and points the config's
    ``init_cfg`` at it;
 3. trains one epoch of two iterations (4 images, batch 2) on the generated ``synthetic_coco`` set
    (``dynconv.data.synthetic_coco``, 5 classes) through mmengine's ``Runner``: the config's own dataset
@@ -128,7 +129,8 @@ class StageCheck(Hook):
     priority = "VERY_LOW"
 
     def __init__(self, backbone_state: Dict[str, torch.Tensor]) -> None:
-        self.backbone_state = backbone_state
+        self.backbone_state = backbone_state  # what init_weights must have loaded (all or part of the body)
+        self.start: Dict[str, torch.Tensor] = {}
         self.losses: List[Dict[str, float]] = []
         self.failures: List[str] = []
 
@@ -139,8 +141,9 @@ class StageCheck(Hook):
 
     def before_train(self, runner) -> None:
         body = self._backbone(runner).dynconv.body.state_dict()
-        wrong = [k for k, v in body.items() if not _same(v, self.backbone_state[k])]
-        if len(body) != len(self.backbone_state) or wrong:
+        self.start = {k: v.detach().clone() for k, v in body.items()}
+        wrong = [k for k, v in self.backbone_state.items() if k not in body or not _same(body[k], v)]
+        if not self.backbone_state or wrong:
             self.failures.append(f"init_weights did not load the checkpoint ({len(wrong)} tensors differ)")
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
@@ -155,7 +158,7 @@ class StageCheck(Hook):
         params = dict(backbone.dynconv.body.named_parameters())
         if not all(torch.isfinite(p).all() for p in params.values()):
             self.failures.append("non-finite backbone parameters after training")
-        moved = {n for n, p in params.items() if not _same(p.detach(), self.backbone_state[n])}
+        moved = {n for n, p in params.items() if not _same(p.detach(), self.start[n])}
         frozen = {n for n, p in params.items() if not p.requires_grad}
         if moved & frozen:
             self.failures.append(f"frozen parameters changed: {sorted(moved & frozen)[:3]}")
@@ -235,15 +238,24 @@ def run_config(path: Path, data_root: Path, work: Path, expected: Dict[str, floa
     if not step:
         return result
 
-    # 2. a dynconv ImageNet checkpoint of the backbone
+    # 2. a dynconv ImageNet checkpoint of the backbone, or (init_cfg static=True) a plain state dict of the
+    #    static arch, which init_weights converts: then the tensors it copies or maps are checked
     bb = cfg.model.backbone
     options = dict(bb.get("conv_options") or {})
     torch.manual_seed(0)
-    classifier = dynconv.create_model(bb.arch, bb.conv, **options)
-    ckpt = CheckpointManager(work / name).save("best", {
-        "model": classifier.state_dict(), "ema": None,
-        "meta": {"arch": bb.arch, "conv": bb.conv, "num_classes": 1000}})
-    state = {k: v.clone() for k, v in classifier.state_dict().items()}
+    if bb.init_cfg.get("static"):
+        ckpt = work / name / "static.pth"
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(dynconv.create_model(bb.arch, "static", **options).state_dict(), ckpt)
+        classifier = dynconv.create_model(bb.arch, bb.conv, pretrained=str(ckpt), **options)
+        loaded = set(classifier.pretrained_report.copied) | set(classifier.pretrained_report.mapped)
+    else:
+        classifier = dynconv.create_model(bb.arch, bb.conv, **options)
+        ckpt = CheckpointManager(work / name).save("best", {
+            "model": classifier.state_dict(), "ema": None,
+            "meta": {"arch": bb.arch, "conv": bb.conv, "num_classes": 1000}})
+        loaded = set(classifier.state_dict())
+    state = {k: v.clone() for k, v in classifier.state_dict().items() if k in loaded}
     del classifier
 
     # 3. two training iterations through mmengine's Runner
@@ -266,6 +278,11 @@ def run_config(path: Path, data_root: Path, work: Path, expected: Dict[str, floa
         cfg.test_evaluator.metric = ["bbox", "segm"] if "mask_head" in cfg.model.roi_head else ["bbox"]
     else:
         cfg.test_dataloader = cfg.test_cfg = cfg.test_evaluator = None
+    if cfg.optim_wrapper.get("type") == "AmpOptimWrapper" and not torch.cuda.is_available():
+        # mmengine's fp16 wrapper needs a GPU: train in fp32 here, the rest of the recipe unchanged
+        cfg.optim_wrapper.type = "OptimWrapper"
+        cfg.optim_wrapper.pop("loss_scale", None)
+        result["note"] = "AmpOptimWrapper run as OptimWrapper (no GPU)"
     cfg.default_hooks.checkpoint = None
     cfg.default_hooks.logger.interval = 1
     cfg.log_level = "ERROR"  # mmengine lists every frozen parameter at WARNING
@@ -274,7 +291,7 @@ def run_config(path: Path, data_root: Path, work: Path, expected: Dict[str, floa
 
     t1 = time.time()
     runner = Runner.from_cfg(cfg)
-    backbone_state = {k: state[k] for k in runner.model.backbone.dynconv.body.state_dict()}
+    backbone_state = {k: state[k] for k in runner.model.backbone.dynconv.body.state_dict() if k in state}
     check = StageCheck(backbone_state)
     runner.register_hook(check)
     runner.train()

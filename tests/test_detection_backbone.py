@@ -80,6 +80,46 @@ def test_frozen_stages_and_norm_eval_survive_training_steps():
         assert torch.equal(m0, m1) and torch.equal(v0, v1)
 
 
+def test_frozen_trainable_keeps_named_parameters_training_inside_frozen_levels():
+    """FDConv's official backbone (Linwei-Chen/FDConv resnet.py ``_freeze_stages`` with ``need_grad_list``):
+    inside the frozen levels the whitelisted parameters keep their gradient, the rest and the stem do not,
+    and the frozen levels still run in eval mode."""
+    backbone = DynamicBackbone("resnet18", "odconv_4x", frozen_stages=1, frozen_trainable=["attention"]).train()
+    layer1 = dict(backbone.body.layer1.named_parameters())
+    trainable = {n for n, p in layer1.items() if p.requires_grad}
+    assert trainable and trainable == {n for n in layer1 if "attention" in n}
+    assert not any(p.requires_grad for p in backbone.body.conv1.parameters())
+    assert not any(p.requires_grad for p in backbone.body.bn1.parameters())
+    assert all(p.requires_grad for p in backbone.body.layer2.parameters())
+    assert not any(m.training for m in backbone.body.layer1.modules())
+    sum(f.sum() for f in backbone(torch.randn(1, 3, 64, 64)).values()).backward()
+    assert all(layer1[n].grad is not None for n in trainable)
+
+
+def test_a_static_checkpoint_starts_the_dynamic_backbone_through_init_from_static(tmp_path):
+    """``checkpoint_is_static`` and ``pretrained=`` give the same backbone: the dynamic layers converted from
+    the static file (DY-Conv: every kernel the static one, exact), the classifier dropped."""
+    torch.manual_seed(2)
+    static = dynconv.create_model("resnet18", "static", num_classes=1000).eval()
+    path = tmp_path / "resnet18_static.pth"
+    torch.save(static.state_dict(), path)  # a plain timm / torchvision state dict
+    by_checkpoint = DynamicBackbone("resnet18", "dyconv_4x", frozen_stages=-1, checkpoint=path,
+                                    checkpoint_is_static=True).eval()
+    by_option = DynamicBackbone("resnet18", "dyconv_4x", frozen_stages=-1, pretrained=str(path)).eval()
+    reference = DynamicBackbone("resnet18", "static", frozen_stages=-1, checkpoint=path,
+                                checkpoint_is_static=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = reference(x)
+        for backbone in (by_checkpoint, by_option):
+            for level, feature in backbone(x).items():
+                torch.testing.assert_close(feature, expected[level], rtol=1e-4, atol=1e-5)
+    assert "mapped" in by_checkpoint.load_report and str(path) in by_checkpoint.load_report
+    assert "mapped" in by_option.load_report
+    with pytest.raises(CheckpointError, match="does not fit"):
+        DynamicBackbone("resnet34", "dyconv_4x", checkpoint=path, checkpoint_is_static=True)
+
+
 def test_without_norm_eval_batchnorm_trains():
     backbone = DynamicBackbone("resnet18", "static", frozen_stages=0, norm_eval=False).train()
     assert backbone.body.layer1[0].bn1.training and not backbone.body.bn1.training

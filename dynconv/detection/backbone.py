@@ -12,17 +12,19 @@ The levels are the ones the papers' detection code feeds its FPN (OSVAI/ODConv
 - ConvNeXt: the four stages, each followed by a new LayerNorm as in the ConvNeXt detection backbone.
 
 ``frozen_stages=k`` (mmdet's meaning) stops gradients to the stem and the first ``k`` levels and keeps
-them in eval mode; ``norm_eval=True`` keeps every BatchNorm (the attention branches' included) in eval
-mode, so its statistics stay those of ImageNet, while its affine parameters still train, as in the
-official configs (``norm_cfg=BN(requires_grad=True), norm_eval=True``). Dynamic layers hold their
-schedules' end values (T = 1, tau = 0) as built; the trainer changes that only when asked.
+them in eval mode (``frozen_trainable`` names parameters of those levels that keep training, as FDConv's
+official backbone does with its modulation branches); ``norm_eval=True`` keeps every BatchNorm (the
+attention branches' included) in eval mode, so its statistics stay those of ImageNet, while its affine
+parameters still train, as in the official configs (``norm_cfg=BN(requires_grad=True), norm_eval=True``).
+Dynamic layers hold their schedules' end values (T = 1, tau = 0) as built; the trainer changes that only
+when asked.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List, Mapping, Optional, Tuple, Union
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from timm.layers import LayerNorm2d
@@ -66,11 +68,18 @@ class DynamicBackbone(nn.Module):
     Args:
         arch, conv: as for :func:`dynconv.create_model`.
         frozen_stages: stem plus this many levels get no gradient and stay in eval mode (-1: none).
+        frozen_trainable: substrings of parameter names (within the body) that keep their gradient inside
+            the frozen stages; those modules still run in eval mode. FDConv's official detection backbone
+            keeps its ``KSM`` / ``FBM`` branches trainable there (Linwei-Chen/FDConv
+            ``FDConv_detection/mmdet_custom/resnet.py``, ``need_grad_list``, applied in ``_freeze_stages``).
         norm_eval: keep every BatchNorm in eval mode while training.
         checkpoint: ImageNet weights for the backbone (a dynconv checkpoint or an official ODConv /
             KernelWarehouse / DCD / DGC / IC-Conv file); the classifier is dropped.
+        checkpoint_is_static: ``checkpoint`` holds the static ``arch`` (a timm or torchvision file): the
+            dynamic layers start from it through :func:`dynconv.pretrained.init_from_static`.
         use_ema: read the checkpoint's EMA weights.
-        **options: layer and timm options, as for :func:`dynconv.create_model`.
+        **options: layer and timm options, as for :func:`dynconv.create_model` (``pretrained=`` included:
+            a static checkpoint converted when the body is built).
 
     ``forward(images)`` returns an ordered dict ``{"0": stride-4, ..., "3": stride-32}``;
     ``out_channels`` lists the channels of the levels; ``load_report`` says what the checkpoint gave.
@@ -78,6 +87,7 @@ class DynamicBackbone(nn.Module):
 
     def __init__(self, arch: str, conv: str = "static", *, frozen_stages: int = 1, norm_eval: bool = True,
                  checkpoint: Optional[Union[PathLike, Mapping[str, Any]]] = None, use_ema: bool = False,
+                 checkpoint_is_static: bool = False, frozen_trainable: Sequence[str] = (),
                  **options: Any) -> None:
         super().__init__()
         self.arch, self.conv, self.options = arch, conv, dict(options)
@@ -85,14 +95,17 @@ class DynamicBackbone(nn.Module):
         if not -1 <= frozen_stages <= len(self.spec.levels):
             raise ValueError(f"frozen_stages must be in -1..{len(self.spec.levels)}, got {frozen_stages}")
         self.frozen_stages, self.norm_eval = frozen_stages, norm_eval
+        self.frozen_trainable = tuple(frozen_trainable)
         self.body = create_model(arch, conv, num_classes=1000, **options)
         self._drop_classifier()
         self.out_channels: List[int] = self._level_channels()
         self.out_norms = nn.ModuleList(LayerNorm2d(c) for c in self.out_channels) \
             if arch.startswith("convnext") else None
         self.load_report = "no checkpoint: randomly initialised backbone"
+        if getattr(self.body, "pretrained_report", None) is not None:
+            self.load_report = f"backbone: {self.body.pretrained_report}"
         if checkpoint is not None:
-            self.load_report = self.load_pretrained(checkpoint, use_ema=use_ema)
+            self.load_report = self.load_pretrained(checkpoint, use_ema=use_ema, static=checkpoint_is_static)
         self._freeze()
 
     # -------------------------------------------------------------------------------------- building
@@ -122,20 +135,27 @@ class DynamicBackbone(nn.Module):
         return body.forward_intermediates(x, indices=[0, 1, 2, 3], intermediates_only=True)
 
     # -------------------------------------------------------------------------------------- weights
-    def load_pretrained(self, source: Union[PathLike, Mapping[str, Any]], *, use_ema: bool = False) -> str:
+    def load_pretrained(self, source: Union[PathLike, Mapping[str, Any]], *, use_ema: bool = False,
+                        static: bool = False) -> str:
         """Load ImageNet weights into the backbone; returns what was loaded and what was left out.
 
         The checkpoint is first loaded, strictly, into the full classifier it was trained as (dynconv
         layout or an official one, through :func:`dynconv.import_official`), so a checkpoint of
         another arch or conv fails with the keys that do not fit; then everything but the
-        classifier is copied over.
+        classifier is copied over. ``static=True``: the checkpoint is the static ``arch``'s, and the
+        full classifier is built from it with ``create_model(..., pretrained=checkpoint)``.
         """
         obj = load_checkpoint(source) if not isinstance(source, Mapping) else source
         where = str(source) if not isinstance(source, Mapping) else "<in-memory checkpoint>"
         classes = checkpoint_num_classes(obj)
-        full = create_model(self.arch, self.conv, num_classes=classes, **self.options)
+        options = {k: v for k, v in self.options.items() if k != "pretrained"}
         try:
-            report = load_weights(full, obj, expect={"arch": self.arch, "conv": self.conv}, use_ema=use_ema)
+            if static:
+                full = create_model(self.arch, self.conv, num_classes=classes, pretrained=source, **options)
+                report = str(full.pretrained_report)
+            else:
+                full = create_model(self.arch, self.conv, num_classes=classes, **options)
+                report = load_weights(full, obj, expect={"arch": self.arch, "conv": self.conv}, use_ema=use_ema)
         except CheckpointError as err:
             raise CheckpointError(f"backbone checkpoint {where} does not fit {self.arch} conv={self.conv}: "
                                   f"{err}") from err
@@ -159,9 +179,11 @@ class DynamicBackbone(nn.Module):
         return [self.body.get_submodule(n) for n in names]
 
     def _freeze(self) -> None:
+        stem = [self.body.get_submodule(n) for n in self.spec.stem] if self.frozen_stages >= 0 else []
         for module in self._frozen_modules():
-            for p in module.parameters():
-                p.requires_grad_(False)
+            keep = () if any(module is m for m in stem) else self.frozen_trainable  # the stem: all frozen
+            for name, p in module.named_parameters():
+                p.requires_grad_(any(key in name for key in keep))
 
     def train(self, mode: bool = True) -> "DynamicBackbone":
         super().train(mode)
@@ -181,7 +203,9 @@ class DynamicBackbone(nn.Module):
         return OrderedDict((str(i), f) for i, f in enumerate(features))
 
     def extra_repr(self) -> str:
-        return f"arch={self.arch}, conv={self.conv}, frozen_stages={self.frozen_stages}, norm_eval={self.norm_eval}"
+        trainable = f", frozen_trainable={list(self.frozen_trainable)}" if self.frozen_trainable else ""
+        return (f"arch={self.arch}, conv={self.conv}, frozen_stages={self.frozen_stages}{trainable}, "
+                f"norm_eval={self.norm_eval}")
 
 
 def level_channels(arch: str, conv: str = "static", **options: Any) -> List[int]:

@@ -157,7 +157,8 @@ class L1RoIHeads(RoIHeads):
 
 def create_detector(detector: str, arch: str, conv: str = "static", *, num_classes: int = 91,
                     min_size: Union[int, Sequence[int]] = 800, max_size: int = 1333, frozen_stages: int = 1,
-                    norm_eval: bool = True, backbone_checkpoint: Optional[PathLike] = None,
+                    frozen_trainable: Sequence[str] = (), norm_eval: bool = True,
+                    backbone_checkpoint: Optional[PathLike] = None,
                     backbone_use_ema: bool = False, fpn_channels: int = 256,
                     detector_options: Optional[Mapping[str, Any]] = None, **options: Any) -> nn.Module:
     """A torchvision Faster / Mask R-CNN with FPN on ``arch`` with ``conv`` layers, configured as mmdet's 1x.
@@ -172,7 +173,8 @@ def create_detector(detector: str, arch: str, conv: str = "static", *, num_class
         min_size, max_size: the resize of torchvision's ``GeneralizedRCNNTransform``; a sequence of
             ``min_size`` values picks one at random per training image (multi-scale training) and
             evaluates at the last.
-        frozen_stages, norm_eval, backbone_checkpoint, backbone_use_ema: see :class:`DynamicBackbone`
+        frozen_stages, frozen_trainable, norm_eval, backbone_checkpoint, backbone_use_ema: see
+            :class:`DynamicBackbone`
             (``checkpoint``, ``use_ema``); what the checkpoint gave is in ``model.backbone.body.load_report``.
         fpn_channels: the FPN width.
         detector_options: torchvision ``FasterRCNN`` / ``MaskRCNN`` arguments over :data:`MMDET_RCNN_1X`
@@ -185,8 +187,8 @@ def create_detector(detector: str, arch: str, conv: str = "static", *, num_class
     if detector not in DETECTORS:
         raise ValueError(f"unknown detector {detector!r}; choose one of: {', '.join(DETECTORS)}")
     options = _icconv_task_patterns(detector, arch, conv, options)
-    body = DynamicBackbone(arch, conv, frozen_stages=frozen_stages, norm_eval=norm_eval,
-                           checkpoint=backbone_checkpoint, use_ema=backbone_use_ema, **options)
+    body = DynamicBackbone(arch, conv, frozen_stages=frozen_stages, frozen_trainable=frozen_trainable,
+                           norm_eval=norm_eval, checkpoint=backbone_checkpoint, use_ema=backbone_use_ema, **options)
     backbone = FeaturePyramidBackbone(body, fpn_channels)
     sizes = tuple(min_size) if isinstance(min_size, Sequence) else (min_size,)
     levels = [str(i) for i in range(len(body.out_channels))]

@@ -191,6 +191,8 @@ class DetectorConfig:
 
     name: str = "faster_rcnn"  # faster_rcnn | mask_rcnn
     frozen_stages: int = 1  # stem and the first N backbone levels get no gradient
+    # ...except parameters whose names contain one of these (FDConv's official need_grad_list: KSM, FBM)
+    frozen_trainable: List[str] = field(default_factory=list)
     norm_eval: bool = True  # BatchNorm statistics stay those of the ImageNet checkpoint
     fpn_channels: int = 256
     backbone_checkpoint: Optional[str] = None  # ImageNet weights: a dynconv run or an official file

@@ -75,7 +75,8 @@ def build_detector(cfg: Any, num_classes: int, sizes: Optional[Sequence[int]] = 
     try:
         return create_detector(det.name, model.name, cfg.conv.name, num_classes=num_classes,
                                min_size=list(sizes or [cfg.data.min_size]), max_size=cfg.data.max_size,
-                               frozen_stages=det.frozen_stages, norm_eval=det.norm_eval,
+                               frozen_stages=det.frozen_stages, frozen_trainable=list(det.frozen_trainable),
+                               norm_eval=det.norm_eval,
                                backbone_checkpoint=det.backbone_checkpoint, backbone_use_ema=det.backbone_use_ema,
                                fpn_channels=det.fpn_channels, detector_options=dict(det.kwargs), **options)
     except TypeError as err:  # an option neither torchvision, the conv family nor timm takes
@@ -159,7 +160,8 @@ class DetectionTrainer(Trainer):
         model = build_detector(self.cfg, self.data.num_classes, train_sizes(self.cfg.data, self.cfg.recipe.det_aug))
         if self.info.is_primary:
             print(model.backbone.body.load_report, flush=True)
-            if det.backbone_checkpoint is None and det.norm_eval and not self.cfg.trainer.init_checkpoint:
+            started = det.backbone_checkpoint or pretrained_source(self.cfg.model) or self.cfg.trainer.init_checkpoint
+            if det.norm_eval and not started:
                 print("warning: no detector.backbone_checkpoint, yet detector.norm_eval=true keeps the BatchNorm "
                       "statistics of a fresh network (mean 0, variance 1), which does not normalise; to train "
                       "from scratch set detector.norm_eval=false detector.frozen_stages=-1", flush=True)

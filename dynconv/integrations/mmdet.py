@@ -48,7 +48,7 @@ from ..schedules import set_progress
 InitCfg = Union[Mapping[str, Any], Sequence[Mapping[str, Any]], None]
 
 # keys of mmengine's Pretrained init_cfg this backbone understands (use_ema is dynconv's own)
-_PRETRAINED_KEYS = {"type", "checkpoint", "map_location", "use_ema"}
+_PRETRAINED_KEYS = {"type", "checkpoint", "map_location", "use_ema", "static"}
 
 
 @MODELS.register_module()
@@ -62,18 +62,24 @@ class DynconvBackbone(BaseModule):
             ...) and timm model options (``drop_path_rate``), as for :func:`dynconv.create_model`.
         out_indices: which of the four levels (strides 4, 8, 16, 32) ``forward`` returns.
         frozen_stages: the stem and this many levels get no gradient and stay in eval mode (-1: none).
+        frozen_trainable: substrings of parameter names that keep training inside the frozen levels
+            (FDConv's official ``need_grad_list``; see :class:`dynconv.detection.DynamicBackbone`).
         norm_eval: keep every BatchNorm, the attention branches' included, in eval mode in training.
         schedule_progress: the epoch to set schedule-driven layers to (attention temperature, KW
             mixing, DGC pruning); ``None`` leaves them at their end values, which is what fine-tuning
             from ImageNet weights uses. :meth:`set_progress` changes it later.
         pretrained: shortcut for ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)``.
         init_cfg: mmengine init config. ``dict(type='Pretrained', checkpoint=PATH)`` (optionally
-            ``use_ema=True``) loads an ImageNet checkpoint in :meth:`init_weights`; other types go
-            to mmengine's initialisers.
+            ``use_ema=True``) loads an ImageNet checkpoint in :meth:`init_weights`; with ``static=True``
+            the checkpoint is the static arch's (timm or torchvision file, e.g. torchvision's
+            ``resnet50-0676ba61.pth``), converted into the dynamic layers by
+            :func:`dynconv.pretrained.init_from_static`, as FDConv's official configs start. Other
+            types go to mmengine's initialisers.
     """
 
     def __init__(self, arch: str, conv: str = "static", conv_options: Optional[Mapping[str, Any]] = None,
-                 out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = 1, norm_eval: bool = True,
+                 out_indices: Sequence[int] = (0, 1, 2, 3), frozen_stages: int = 1,
+                 frozen_trainable: Sequence[str] = (), norm_eval: bool = True,
                  schedule_progress: Optional[float] = None, pretrained: Optional[str] = None,
                  init_cfg: InitCfg = None) -> None:
         if pretrained is not None:
@@ -82,7 +88,7 @@ class DynconvBackbone(BaseModule):
             init_cfg = dict(type="Pretrained", checkpoint=pretrained)
         super().__init__(init_cfg=copy.deepcopy(init_cfg))
         self.dynconv = DynamicBackbone(arch, conv, frozen_stages=frozen_stages, norm_eval=norm_eval,
-                                       **dict(conv_options or {}))
+                                       frozen_trainable=tuple(frozen_trainable), **dict(conv_options or {}))
         levels = len(self.dynconv.out_channels)
         self.out_indices = tuple(int(i) for i in out_indices)
         if not self.out_indices or any(not 0 <= i < levels for i in self.out_indices):
@@ -130,7 +136,8 @@ class DynconvBackbone(BaseModule):
             raise ValueError("DynconvBackbone init_cfg of type 'Pretrained' needs checkpoint=PATH")
         if "://" in str(checkpoint):
             raise ValueError(f"DynconvBackbone reads local checkpoint files only; download {checkpoint} first")
-        report = self.dynconv.load_pretrained(str(checkpoint), use_ema=bool(cfg.get("use_ema", False)))
+        report = self.dynconv.load_pretrained(str(checkpoint), use_ema=bool(cfg.get("use_ema", False)),
+                                              static=bool(cfg.get("static", False)))
         print_log(f"DynconvBackbone({self.dynconv.arch}, {self.dynconv.conv}): {report}", logger="current",
                   level=logging.INFO)
         if hasattr(self, "_params_init_info"):  # called from a detector's init_weights: record it
