@@ -167,12 +167,13 @@ def register_fx_leaves() -> None:
     global _FX_REGISTERED
     if _FX_REGISTERED:
         return
-    from .ops import condconv, dcd, dgc, dyconv, icconv, kernelwarehouse, odconv
+    from .ops import condconv, dcd, dgc, dyconv, fdconv, icconv, kernelwarehouse, odconv
     from .ops._norm import SafeBatchNorm1d, SafeBatchNorm2d
 
     leaves = [
         condconv.CondConv2d, dyconv.DynamicConv2d, odconv.ODConv2d, dcd.DCDConv2d, dcd.DCDLinear,
         dgc.DGCConv2d, icconv.InceptionConv2d, kernelwarehouse.KWAttention, SafeBatchNorm1d, SafeBatchNorm2d,
+        fdconv.FDConv2d,
     ]  # (the SE / CBAM / ECA baselines are timm modules, traceable as they are)
     for cls in leaves:
         register_notrace_module(cls)

@@ -8,7 +8,8 @@ scaled mixture) and ``t`` into that last bias, after any attention that scales t
 attention multiplies the conv before the BatchNorm, so the shift must not be multiplied by it).
 KernelWarehouse cells are shared by layers with different BatchNorms, so a KW layer keeps its scale as a
 per-channel factor of its assembled kernels or of its output, whichever is smaller
-(:class:`DeployedKWConv2d`).
+(:class:`DeployedKWConv2d`). FDConv keeps its kernel as a spectrum, which a per-channel scale does not
+commute with; its scale multiplies the filter attention on the output (:class:`DeployedFDConv2d`).
 
 Which BatchNorm follows which layer is read from one traced forward pass: a BatchNorm is folded when its
 input is the output of a layer ``deploy`` knows (plain ``nn.Conv2d`` / ``nn.Linear`` or a dynconv layer),
@@ -41,12 +42,13 @@ from .ops.condconv import CondConv2d
 from .ops.dcd import DCDConv2d, DCDLinear
 from .ops.dgc import DGCConv2d
 from .ops.dyconv import DynamicConv2d
+from .ops.fdconv import FDConv2d
 from .ops.functional import cell_conv2d, per_sample_conv2d
 from .ops.icconv import InceptionConv2d
 from .ops.kernelwarehouse import KWConv2d, _KWTokenConv
 from .ops.odconv import ODConv2d
 
-__all__ = ["AddBias", "DeployedKWConv2d", "bn_affine", "deploy", "find_folds"]
+__all__ = ["AddBias", "DeployedFDConv2d", "DeployedKWConv2d", "bn_affine", "deploy", "find_folds"]
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -159,6 +161,35 @@ def _fold_kw(layer: KWConv2d, scale: torch.Tensor, shift: torch.Tensor) -> nn.Mo
     return layer
 
 
+def _fold_fdconv(layer: FDConv2d, scale: torch.Tensor, shift: torch.Tensor) -> nn.Module:
+    # FDW holds the kernel as the spectrum of its C_out k x C_in k matrix: a per-output-channel scale of the
+    # kernel scales rows of that matrix, which mixes the spectral bins across the frequency groups (no
+    # scaled dft_weight gives it), and the local KSM factors are sigmoids. The scale rides on the filter
+    # attention instead, which already multiplies the output per channel (no extra work); the shift goes
+    # into the static bias added after it.
+    DeployedFDConv2d.adopt(layer, scale)
+    _set_bias(layer, "bias", _affine_bias(layer.bias, scale, shift))
+    return layer
+
+
+class DeployedFDConv2d(FDConv2d):
+    """An :class:`~dynconv.ops.fdconv.FDConv2d` with a folded BatchNorm scale ``out_scale`` per output channel,
+    multiplied into the filter attention, and the shift in its static bias."""
+
+    out_scale: torch.Tensor
+
+    @classmethod
+    def adopt(cls, layer: FDConv2d, scale: torch.Tensor) -> None:
+        if not isinstance(layer, cls):
+            layer.__class__ = cls  # a subclass swap: the layer keeps its spectrum, attentions and buffers
+            layer.register_buffer("out_scale", torch.ones_like(scale))
+        layer.out_scale.mul_(scale)
+
+    def output_scale(self, a_f: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        scale = self.out_scale.reshape(1, -1)
+        return scale if a_f is None else a_f * scale
+
+
 class AddBias(nn.Module):
     """``layer(x) + bias`` per output channel: the folded BatchNorm shift of a layer without a static
     bias of its own (CondConv, whose sigmoid routing does not sum to one)."""
@@ -240,6 +271,7 @@ _FAMILY: Dict[type, Fold] = {
     DGCConv2d: _fold_dgc,
     InceptionConv2d: _fold_icconv,
     KWConv2d: _fold_kw,
+    FDConv2d: _fold_fdconv,
 }
 
 

@@ -74,6 +74,7 @@ def family_option_names(family: str) -> set:
     from .ops.dcd import DCDConv2d
     from .ops.dgc import DGCConv2d
     from .ops.dyconv import DynamicConv2d
+    from .ops.fdconv import FDConv2d
     from .ops.odconv import ODConv2d
 
     # (layer class, options the family's converter takes on top of the layer's own)
@@ -83,6 +84,7 @@ def family_option_names(family: str) -> set:
         "odconv": (ODConv2d, {"temperature_epochs"}),
         "dcd": (DCDConv2d, {"fc_squeeze", "dynamic_classifier"}),
         "dgc": (DGCConv2d, {"total_epochs"}),
+        "fdconv": (FDConv2d, {"use_fdconv_if_c_gt", "use_fdconv_if_k_in"}),
     }
     if family not in families:
         return set()

@@ -12,8 +12,8 @@ class ConvVariant:
 
     Attributes:
         name: the public name, e.g. ``odconv_4x``.
-        family: ``static``, ``attention``, ``condconv``, ``dyconv``, ``dcd``, ``odconv``, ``kw``, ``dgc`` or
-            ``icconv``.
+        family: ``static``, ``attention``, ``condconv``, ``dyconv``, ``dcd``, ``odconv``, ``kw``, ``dgc``,
+            ``icconv`` or ``fdconv``.
         options: the family options that define the variant (overridable per call).
         summary: one line for listings.
         timm_name: prefix of its timm model names when not the name without underscores.
@@ -59,6 +59,8 @@ _VARIANTS: Dict[str, ConvVariant] = {
                     "DGC, 4 heads each dropping 55% of the input channels per sample"),
         ConvVariant("icconv", "icconv", {}, "Inception convolution: per-channel dilation patterns from a pattern file",
                     timm_name="ic"),
+        ConvVariant("fdconv", "fdconv", {"kernel_num": 64},
+                    "FDConv, 64 frequency-disjoint kernels with KSM and FBM (the official detection setting)"),
     )
 }
 for _v in _VARIANTS.values():

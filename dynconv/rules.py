@@ -28,6 +28,17 @@
   ConvNeXt; there DGC takes the dense pointwise convs (as in the official CondenseNet-DGC, whose
   1x1 bottleneck convs are the dynamic ones) and the depthwise convs stay static. Convs whose widths
   do not divide by the number of heads, or grouped convs, stay static on any backbone.
+- FDConv (Linwei-Chen/FDConv ``FDConv_detection/mmdet_custom/resnet.py``, ``ResNet_FDConv``): the layer is
+  built wherever ``conv_cfg`` reaches, the stem conv and every Bottleneck conv (the downsample conv is built
+  with ``cfg=None``: static), and the official ``FDConv`` itself stays a plain conv unless
+  ``min(C_in, C_out) > 16`` and the kernel size is 1 or 3 (``use_fdconv_if_c_gt``, ``use_fdconv_if_k_in``; the
+  7x7 RGB stem never qualifies; ``use_fdconv_if_stride_in`` is accepted but never read, so the stride-2
+  3x3s are converted too). Here the site rule says "block convs" and the converter applies the size test
+  (``dynconv.surgery``), together the official set: all 48 Bottleneck convs of ResNet-50 (+3.65M). No
+  official model exists for BasicBlock ResNets, MobileNetV2 or ConvNeXt; the same two tests are applied to
+  the analogous convs: every BasicBlock conv; MobileNetV2's expansion, projection and final 1x1 convs (the
+  depthwise 3x3s are grouped, which FDW's full kernel matrix cannot hold); ConvNeXt's pointwise MLP convs
+  (the depthwise 7x7s fail both tests).
 - KernelWarehouse has its own plan with warehouse names (:mod:`dynconv.ops.kernelwarehouse`).
 - Generic CNNs (any other model): every ``nn.Conv2d`` but the first one (the stem).
 """
@@ -74,6 +85,12 @@ LAYER_RULES: Dict[str, Dict[str, SiteRule]] = {
     "dcd": {
         RESNET: roles("block"),
         MOBILENETV2: _dcd_mobilenetv2,
+        CONVNEXT: roles("pw"),
+        GENERIC: roles("conv"),
+    },
+    "fdconv": {
+        RESNET: roles("block"),
+        MOBILENETV2: roles("pw_expand", "pw_project", "head"),
         CONVNEXT: roles("pw"),
         GENERIC: roles("conv"),
     },

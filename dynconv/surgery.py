@@ -17,6 +17,7 @@ from .ops.condconv import CondConv2d
 from .ops.dcd import DCDConv2d, DCDLinear, mobilenetv2_dims
 from .ops.dgc import DGCConv2d
 from .ops.dyconv import DynamicConv2d
+from .ops.fdconv import FDConv2d
 from .ops.odconv import ODConv2d
 from .registry import get_variant
 from .rules import LAYER_RULES
@@ -136,6 +137,27 @@ def _dgc_converter(model, sites, backbone, options):
     return replaced
 
 
+def _fdconv_converter(model, sites, backbone, options):
+    """The official ``FDConv`` size test on top of the site rule: ``groups == 1``, ``min(C_in, C_out) >
+    use_fdconv_if_c_gt`` (16) and a square kernel of a size in ``use_fdconv_if_k_in`` (1, 3); other convs stay
+    static (official ``FDConv.__init__`` returns before building anything and ``forward`` falls back to
+    ``nn.Conv2d``'s; ``groups == 1`` because FDW transforms the whole kernel matrix)."""
+    options = dict(options)
+    c_gt = options.pop("use_fdconv_if_c_gt", 16)
+    k_in = tuple(options.pop("use_fdconv_if_k_in", (1, 3)))
+    _check_options(FDConv2d, options)
+    rule = LAYER_RULES["fdconv"][backbone]
+    replaced = []
+    for site in sites:
+        module = get_submodule(model, site.name)
+        if (isinstance(module, nn.Conv2d) and rule(site) and module.groups == 1
+                and min(module.in_channels, module.out_channels) > c_gt
+                and module.kernel_size[0] == module.kernel_size[1] and module.kernel_size[0] in k_in):
+            set_submodule(model, site.name, FDConv2d.from_conv(module, **options))
+            replaced.append((site.name, FDConv2d.__name__))
+    return replaced
+
+
 def _attention_converter(model, sites, backbone, options):
     return insert_residual_attention(model, backbone, **options)
 
@@ -159,6 +181,7 @@ _CONVERTERS: Dict[str, Converter] = {
     "attention": _attention_converter,
     "dcd": _dcd_converter,
     "dgc": _dgc_converter,
+    "fdconv": _fdconv_converter,
     "kw": _kw_converter,
     "icconv": _icconv_converter,
 }

@@ -253,7 +253,7 @@ def test_config_loads_and_its_backbone_builds(mm, path):
     name = path.stem
     assert cfg.model.type == ("MaskRCNN" if name.startswith("mask_rcnn") else "FasterRCNN")
     assert backbone_cfg.arch == next((a for a in ("mobilenetv2_100", "convnext_tiny") if a in name), "resnet50")
-    conv = next((c for c in ("odconv_4x", "kw_1x", "kw_4x") if c.replace("_", "") in name), "static")
+    conv = next((c for c in ("odconv_4x", "kw_1x", "kw_4x", "fdconv") if c.replace("_", "") in name), "static")
     assert backbone_cfg.conv == conv
 
     backbone = _built_backbone(mm, backbone_cfg)
@@ -274,7 +274,9 @@ def test_config_loads_and_its_backbone_builds(mm, path):
             assert paramwise == dict(custom_keys={"absolute_pos_embed": dict(decay_mult=0.0),
                                                   "relative_position_bias_table": dict(decay_mult=0.0),
                                                   "norm": dict(decay_mult=0.0)})
-        assert milestones == ([9, 11] if "convnext" in name else [8, 11])
+        # FDConv: Linwei-Chen/FDConv FDConv_detection/configs/mask_rcnn/mask_rcnn_r50_fpn_1x_coco_adamw_FDConv.py
+        # lr_config step=[10, 11]
+        assert milestones == ([10, 11] if "fdconv" in name else [9, 11] if "convnext" in name else [8, 11])
         assert [t.type for t in cfg.train_dataloader.dataset.pipeline][2:4] == ["RandomFlip", "RandomChoice"]
         if "convnext" in name:
             assert backbone_cfg.conv_options.drop_path_rate == 0.4

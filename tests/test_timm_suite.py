@@ -23,9 +23,9 @@ import dynconv  # noqa: F401  (registers the models with timm)
 TIMM_TESTS = Path(__file__).resolve().parents[1] / ".cache" / "timm_tests" / "timm_test_models.py"
 
 RESNET = ["se_resnet18", "condconv8x_resnet18", "dyconv4x_resnet18", "dcd_resnet18", "odconv4x_resnet18",
-          "kw1x_resnet18", "dgc_resnet18", "ic_resnet18"]
+          "kw1x_resnet18", "dgc_resnet18", "ic_resnet18", "fdconv_resnet18"]
 OTHER = ["se_mobilenetv2_050", "condconv8x_mobilenetv2_050", "dyconv4x_mobilenetv2_050", "dcd_mobilenetv2_050",
-         "odconv4x_mobilenetv2_050", "kw1d2x_mobilenetv2_050", "dgc_mobilenetv2_050"]
+         "odconv4x_mobilenetv2_050", "kw1d2x_mobilenetv2_050", "dgc_mobilenetv2_050", "fdconv_mobilenetv2_050"]
 MODELS = RESNET + [pytest.param(name, marks=pytest.mark.slow) for name in OTHER]
 
 

@@ -4,6 +4,7 @@ from .condconv import CondConv2d
 from .dcd import DCDConv2d, DCDLinear
 from .dgc import DGCConv2d
 from .dyconv import DYAttention, DynamicConv2d
+from .fdconv import FDConv2d
 from .functional import mix_kernels, per_sample_conv2d
 from .odconv import ODAttention, ODConv2d
 
@@ -14,6 +15,7 @@ __all__ = [
     "DGCConv2d",
     "DYAttention",
     "DynamicConv2d",
+    "FDConv2d",
     "ODAttention",
     "ODConv2d",
     "make_residual_attention",

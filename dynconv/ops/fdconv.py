@@ -63,6 +63,12 @@ def spectral_groups(height: int, width: int, groups: int) -> torch.Tensor:
     return group.reshape(height, width // 2 + 1)
 
 
+def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
+    """FFTs run in float32 for half / bfloat16 tensors (torch has no bfloat16 FFT, and half FFTs only for
+    power-of-two sizes on CUDA); the official code, too, builds its spectra and FBM bands in float32."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def kernel_to_matrix(weight: torch.Tensor) -> torch.Tensor:
     """``(C_out, C_in, kh, kw)`` -> ``(C_out kh, C_in kw)``: the matrix FDW transforms (official ``permute(0, 2, 1, 3)``)."""
     c_out, c_in, kh, kw = weight.shape
@@ -207,16 +213,17 @@ class FBM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        spectrum = torch.fft.rfft2(x, norm="ortho")
+        signal = x.to(_fft_dtype(x.dtype))
+        spectrum = torch.fft.rfft2(signal, norm="ortho")
         # float32 as the official code (the nearest-neighbour indices are computed in the input's precision)
-        masks = F.interpolate(self.cached_masks.float(), size=(h, w // 2 + 1), mode="nearest").to(x.dtype)
-        out, previous = None, x
+        masks = F.interpolate(self.cached_masks.float(), size=(h, w // 2 + 1), mode="nearest").to(signal.dtype)
+        out, previous = None, signal
         for mask, conv in zip(masks, self.freq_weight_conv_list):
             low = torch.fft.irfft2(spectrum * mask, s=(h, w), norm="ortho")
-            band = torch.sigmoid(conv(x)) * 2 * (previous - low)
+            band = (torch.sigmoid(conv(x)) * 2).to(signal.dtype) * (previous - low)
             out = band if out is None else out + band
             previous = low
-        return previous if out is None else out + previous
+        return (previous if out is None else out + previous).to(x.dtype)
 
 
 class FDConv2d(DynamicConv2dBase):
@@ -302,30 +309,31 @@ class FDConv2d(DynamicConv2dBase):
     def set_kernel(self, weight: torch.Tensor) -> None:
         """``dft_weight = rfft2(M(weight)) / (min(C_in, C_out) // 2)``: official ``convert2dftweight`` and
         ``tools/convert_to_fdconv.py``."""
-        spectrum = torch.fft.rfft2(kernel_to_matrix(weight.to(self.dft_weight)), dim=(0, 1))
+        matrix = kernel_to_matrix(weight.to(self.dft_weight.device, _fft_dtype(self.dft_weight.dtype)))
+        spectrum = torch.fft.rfft2(matrix, dim=(0, 1))
         self.dft_weight.copy_(torch.stack([spectrum.real, spectrum.imag], dim=-1)[None] / self.spectrum_scale)
 
     def static_kernel(self) -> torch.Tensor:
         """The kernel whose spectrum ``dft_weight`` holds (what every sample gets with all attentions at 1 and the
         kernel attention at ``1 / n``), ``(C_out, C_in, k, k)``."""
-        spectrum = torch.view_as_complex(self.dft_weight[0].contiguous()) * self.spectrum_scale
-        return self._from_spectrum(spectrum)
+        spectrum = self.dft_weight[0].to(_fft_dtype(self.dft_weight.dtype))
+        return self._from_spectrum(torch.view_as_complex(spectrum.contiguous()) * self.spectrum_scale)
 
     def _from_spectrum(self, spectrum: torch.Tensor) -> torch.Tensor:
         kh, kw = self.kernel_size
         # s= keeps odd C_in * k (the official irfft2 without s= would return one column less and fail)
         matrix = torch.fft.irfft2(spectrum, s=(self.out_channels * kh, self.in_channels * kw), dim=(-2, -1))
-        return matrix_to_kernel(matrix, self.out_channels, self.in_channels, kh, kw)
+        return matrix_to_kernel(matrix.to(self.dft_weight.dtype), self.out_channels, self.in_channels, kh, kw)
 
     def fdw_kernels(self, a_k: Optional[torch.Tensor]) -> torch.Tensor:
         """FDW (paper Eq. 2-3): per-sample kernels ``irfft2(alpha * a_k[g(u)] * F[u])``, ``(B, C_out, C_in, k, k)``
         (``(C_out, C_in, k, k)`` without a kernel head)."""
         if a_k is None:  # n = 1: one group, attention 1
             return self.static_kernel()
-        scaled = self.dft_weight[0] * self.alpha  # official order: (F * alpha) * a
-        per_bin = a_k[:, self.groups_of_bins]  # (B, rows, cols // 2 + 1)
-        spectrum = torch.stack([scaled[..., 0] * per_bin, scaled[..., 1] * per_bin], dim=-1)
-        return self._from_spectrum(torch.view_as_complex(spectrum))
+        dtype = _fft_dtype(self.dft_weight.dtype)
+        scaled = torch.view_as_complex(self.dft_weight[0].to(dtype) * self.alpha)  # official order: (F * alpha) * a
+        per_bin = a_k[:, self.groups_of_bins].to(dtype)  # (B, rows, cols // 2 + 1)
+        return self._from_spectrum(scaled * per_bin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = x.mean((2, 3), keepdim=True)
@@ -338,11 +346,17 @@ class FDConv2d(DynamicConv2dBase):
         # channel attention on the input and filter attention on the output: exact (conv is linear per
         # channel), the official code's choice for large kernels; spatial attention per kernel tap
         y = per_sample_conv2d(x, weight, None, **self._conv_kwargs(), tap_scale=a_s, in_scale=a_c)
+        a_f = self.output_scale(a_f)
         if a_f is not None:
             y = y * a_f[:, :, None, None]
         if self.bias is not None:
             y = y + self.bias.reshape(1, -1, 1, 1)
         return y
+
+    def output_scale(self, a_f: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The per-sample factor of each output channel, ``(B, C_out)`` or None: the filter attention (a deployed
+        layer multiplies a folded BatchNorm scale into it, ``dynconv.deploy``)."""
+        return a_f
 
     def elementwise_macs(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, int]:
         """MACs an op counter does not see (it counts convolutions and matmuls only).
