@@ -20,18 +20,23 @@ DCD                       ``W0 = W``, ``Lambda = 1`` (``fc_scale`` zero, ``hsigm
 DGC                       head ``h`` takes rows ``h::heads`` of ``W``; saliency ``fc2`` weight 0 (bias 1, the
                           official init: every gate is 1); the internal BatchNorm an identity (exact in eval
                           mode with nothing pruned, i.e. progress before the pruning stage)
+FDConv                    ``dft_weight = rfft2(M(W)) / (min(C_in, C_out) // 2)`` (the official conversion,
+                          ``tools/convert_to_fdconv.py``); the channel, filter, spatial and kernel heads, the
+                          local KSM conv and the FBM maps with zero weights: every ``2 sigmoid`` factor is 1,
+                          the kernel attention ``1/n`` (exact to rounding: the FFT round trip, FBM's bands)
 IC-Conv                   every member takes its output rows of ``W`` (exact for the members at the static
                           dilation; the other dilations read other pixels: not preserved)
 SE / CBAM / ECA           backbone copied, inserted modules fresh (not preserved: gates of about 1/2)
 ========================  ====================================================================================
 
 Where a head is set to a constant for exactness (CondConv routing, the ODConv sigmoid heads, DCD
-``fc_scale`` and ``P``, DGC ``fc2``), the layer departs from its paper's random initialisation; a fresh
+``fc_scale`` and ``P``, DGC ``fc2``, FDConv's heads), the layer departs from its paper's random initialisation; a fresh
 model (``pretrained=None``) keeps the official one. The heads still get gradients from the first step
 (their inputs are not zero), so they move off the constant at once.
 
 FDConv (Linwei-Chen/FDConv, ``FDConv_detection/mmdet_custom/FDConv.py``, ``convert2dftweight``) starts its
-``param_ratio`` kernel copies from the pretrained static kernel, identical and unperturbed; DY-Conv,
+``param_ratio`` kernel copies (one in the official configs, and here) from the pretrained static kernel,
+identical and unperturbed; DY-Conv,
 ODConv and KernelWarehouse do the same here, as their attention differs per kernel and so gives the
 copies different gradients. CondConv's constant routing does not, hence its zero-sum perturbation.
 """
@@ -51,6 +56,7 @@ from .ops.condconv import CondConv2d
 from .ops.dcd import DCDConv2d, DCDLinear
 from .ops.dgc import DGCConv2d
 from .ops.dyconv import DynamicConv2d
+from .ops.fdconv import FDConv2d
 from .ops.icconv import InceptionConv2d
 from .ops.kernelwarehouse import KWConv2d, KWLinear, cell_assignment
 from .ops.odconv import ODConv2d
@@ -224,6 +230,33 @@ def _map_odconv(layer: ODConv2d, path, weight, bias, report) -> None:
                 "temperature; official init: random), kernels 2^h W; the kernel attention keeps its official init")
 
 
+def _map_fdconv(layer: FDConv2d, path, weight, bias, report) -> None:
+    layer.set_kernel(weight)
+    report.mapped[f"{path}.dft_weight"] = f"rfft2 of {path}.weight as a (C_out k, C_in k) matrix / (min(C_in, C_out) // 2)"
+    # The official conversion stops at dft_weight. Its heads then start at their init: normal(0, 1e-6)
+    # weights (each factor 1 to about 1e-5) except the filter head, whose kaiming weights the official
+    # _initialize_weights never reaches: 2 sigmoid(z) of a random z, so the converted net does not start at
+    # the static function. Zero weights make every factor exactly 1 (biases are 0 already).
+    heads = [f"KSM_Global.{name}" for name in ("channel_fc", "filter_fc", "spatial_fc", "kernel_fc")
+             if getattr(layer.KSM_Global, name) is not None]
+    if layer.KSM_Local is not None:
+        heads.append("KSM_Local.conv")
+    if layer.FBM is not None:
+        heads += [f"FBM.freq_weight_conv_list.{i}" for i in range(len(layer.FBM.freq_weight_conv_list))]
+    for name in heads:
+        conv = layer.get_submodule(name)
+        nn.init.zeros_(conv.weight)
+        report.adjusted[f"{path}.{name}.weight"] = "0"
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
+            report.adjusted[f"{path}.{name}.bias"] = "0"
+    _copy_bias(layer, path, bias, report)
+    report._worsen("exact to rounding")
+    report.note("FDConv: dft_weight from the static kernel (official conversion); the attention heads, the local "
+                "KSM conv and the FBM maps start at 0 (every factor 1, kernel attention 1/n; official init: "
+                "1e-6 noise, and a random filter head that the official conversion leaves in place)")
+
+
 def _map_dcd(layer: DCDConv2d, path, weight, bias, report) -> None:
     _set(layer.conv.weight, weight)
     report.mapped[f"{path}.conv.weight"] = f"{path}.weight (W0)"
@@ -356,6 +389,7 @@ MAPPERS: Dict[type, Mapper] = {
     KWConv2d: _map_kw,
     KWLinear: _map_kw_linear,
     InceptionConv2d: _map_icconv,
+    FDConv2d: _map_fdconv,
 }
 
 

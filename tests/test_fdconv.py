@@ -180,3 +180,98 @@ def test_initial_kernel_is_the_converted_kernel():
     torch.testing.assert_close(layer.static_kernel(), conv.weight, rtol=0, atol=1e-12)
     a_k = torch.full((2, layer.kernel_num), 1.0 / layer.kernel_num, dtype=torch.float64)
     torch.testing.assert_close(layer.fdw_kernels(a_k), conv.weight.expand(2, -1, -1, -1, -1), rtol=0, atol=1e-12)
+
+
+# -- the official ResNet-50 detection backbone ------------------------------------------------------------------
+
+# Parameters of the official FDConv ResNet-50 backbone (no fc), counted by building the official ``ResNet_FDConv``
+# layer set from Linwei-Chen/FDConv ``FDConv_detection/mmdet_custom/FDConv.py`` (class ``FDConv`` with the
+# ``faster_rcnn_r50_fpn_1x_coco_FDConv.py`` conv_cfg) on torchvision's ResNet-50: the stem conv and every
+# Bottleneck conv built through ``conv_cfg`` (``resnet.py``), the downsample convs plain. 27,155,152 against
+# 23,508,032 static: +3,647,120, the README's "+3.6M".
+OFFICIAL_BACKBONE_PARAMS = 27_155_152
+STATIC_BACKBONE_PARAMS = 23_508_032
+
+
+def test_resnet50_parameters_equal_the_official_backbone():
+    model = dynconv.create_model("resnet50", "fdconv")
+    static = dynconv.create_model("resnet50", "static")
+    fc = sum(p.numel() for p in model.fc.parameters())
+    assert dynconv.count_params(static) - fc == STATIC_BACKBONE_PARAMS
+    assert dynconv.count_params(model) - fc == OFFICIAL_BACKBONE_PARAMS
+    layers = {n for n, m in model.named_modules() if isinstance(m, FDConv2d)}
+    # every Bottleneck conv (stride-2 3x3s included: use_fdconv_if_stride_in is never read); stem, downsample static
+    assert layers == {f"layer{s}.{b}.conv{i}" for s, n in zip((1, 2, 3, 4), (3, 4, 6, 3)) for b in range(n)
+                      for i in (1, 2, 3)}
+    assert sum(m.FBM is not None for m in model.modules() if isinstance(m, FDConv2d)) == 16  # the 3x3s only
+
+
+def test_size_rule_keeps_narrow_and_grouped_convs_static():
+    """``min(C_in, C_out) > 16`` and k in {1, 3} (official ``use_fdconv_if_c_gt`` / ``use_fdconv_if_k_in``), and
+    groups 1: MobileNetV2 0.5's 16-channel and depthwise convs stay static."""
+    model = dynconv.create_model("mobilenetv2_050", "fdconv")
+    converted = 0
+    for name, m in model.named_modules():
+        if ".KSM_" in name or ".FBM" in name:  # FDConv's own attention convs
+            continue
+        qualifies = min(m.in_channels, m.out_channels) > 16 and m.kernel_size[0] in (1, 3) and m.groups == 1 \
+            if isinstance(m, (nn.Conv2d, FDConv2d)) else None
+        if isinstance(m, FDConv2d):
+            assert qualifies, name
+            converted += 1
+        elif isinstance(m, nn.Conv2d):
+            assert not qualifies, name
+    assert converted > 0
+    with pytest.raises(ValueError, match="groups=1"):
+        FDConv2d(32, 32, 3, groups=32)
+
+
+def test_macs_keep_the_static_convolutions_and_count_the_attention_convs():
+    """The per-sample convolutions cost what the static ones do (an identity: FDConv changes the kernel, not the
+    conv), and the attention branches count what their convs compute, by formula: KSM global ``C_in h +
+    h (C_in + C_out + k^2 + n)``, KSM local ``C_out k^2 size C_in``, FBM three 3x3 convs to one channel on the input
+    map. (The FDConv README's +1.8G FLOPs for Faster R-CNN at 1333 x 800 is from mmcv's
+    ``get_model_complexity_info``, which sees the same convs and BatchNorms but no FFT or elementwise work:
+    ``attention`` here is 1.21G MACs at that size; the FFTs and products, ``aggregation`` + ``scaling``, 7.8G.)"""
+    from dynconv.accounting import macs_breakdown
+
+    size = (1, 3, 64, 64)
+    model = dynconv.create_model("resnet18", "fdconv")
+    static = dynconv.create_model("resnet18", "static")
+    got = macs_breakdown(model, size)
+    assert got["static"] + got["dynamic_conv"] == dynconv.count_macs(static, size)
+    expected, maps = 0, {}
+    hooks = [m.register_forward_hook(lambda mod, i, o: maps.__setitem__(mod, i[0].shape[-2:]))
+             for m in model.modules() if isinstance(m, FDConv2d)]
+    with torch.no_grad():
+        model.eval()(torch.randn(size))
+    for h in hooks:
+        h.remove()
+    for m, (height, width) in maps.items():
+        g, k = m.KSM_Global, m.kernel_size[0]
+        hidden = g.fc.out_channels
+        expected += m.in_channels * hidden + hidden * (m.in_channels + m.out_channels + k * k * (k > 1) + m.kernel_num)
+        expected += m.out_channels * k * k * eca_kernel_size(m.in_channels) * m.in_channels
+        if m.FBM is not None:
+            expected += 3 * m.in_channels * 9 * height * width
+    assert got["attention"] == expected
+    assert got["aggregation"] > 0 and got["scaling"] > 0
+
+
+def test_conversion_from_a_static_conv_is_exact_and_the_official_one_is_not():
+    """``dynconv.pretrained`` maps a static kernel exactly (heads at 0: every factor 1). The official conversion
+    (``tools/convert_to_fdconv.py``: ``dft_weight`` only) keeps the random kaiming filter head, so the layer
+    starts at ``2 sigmoid(z)`` times the static output per channel, not at the static output."""
+    from dynconv.pretrained import PretrainedReport, _map_fdconv
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 48, 3, padding=1, bias=True).double()
+    x = torch.randn(2, 32, 12, 12, dtype=torch.float64)
+    official = FDConv2d.from_conv(conv).eval()
+    with torch.no_grad():
+        deviation = (official(x) - conv(x)).abs().max() / conv(x).abs().max()
+        assert deviation > 1e-3  # 1.7% here: the filter head's 2 sigmoid(z) is input-dependent
+        layer = FDConv2d.from_conv(conv)
+        _map_fdconv(layer, "conv", conv.weight, conv.bias, PretrainedReport(source="test", arch="test"))
+        for mode in (True, False):
+            torch.testing.assert_close(layer.train(mode)(x), conv(x), rtol=0, atol=1e-12)

@@ -76,10 +76,12 @@ EXACT = [
     ("resnet18", "dgc"),
     ("resnet18", "kw_1x"),
     ("resnet18", "kw_4x"),
+    ("resnet18", "fdconv"),
     ("mobilenetv2_050", "dyconv_4x"),
     ("mobilenetv2_050", "odconv_4x"),
     ("mobilenetv2_050", "dcd"),
     ("mobilenetv2_050", "kw_1x"),
+    ("mobilenetv2_050", "fdconv"),
     ("convnext_tiny", "kw_1x"),
 ]
 
@@ -317,7 +319,7 @@ def test_hydra_model_pretrained(static_files, tmp_path):
         validate(load([f"model.pretrained={missing}"]))
 
 
-@pytest.mark.parametrize("conv", ["odconv_4x", "dcd", "kw_1x"])
+@pytest.mark.parametrize("conv", ["odconv_4x", "dcd", "kw_1x", "fdconv"])
 def test_exact_in_training_mode_too(static_files, conv):
     """The attention BatchNorms only feed heads that start constant (or, for KW at tau = 1, are not read),
     so batch-statistics BatchNorms give the same training-mode output as the static network."""

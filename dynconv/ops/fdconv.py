@@ -340,7 +340,10 @@ class FDConv2d(DynamicConv2dBase):
         a_c, a_f, a_s, a_k = self.KSM_Global(pooled)
         weight = self.fdw_kernels(a_k)
         if self.KSM_Local is not None:
-            weight = weight * (torch.sigmoid(self.KSM_Local(pooled)) * self.att_multi)
+            local = torch.sigmoid(self.KSM_Local(pooled)) * self.att_multi
+            # multiplied in the FFT's (C_out, k, C_in, k) layout, then one copy into the conv's layout
+            weight = (weight.transpose(-3, -2) * local.transpose(-3, -2)).transpose(-3, -2)
+        weight = weight.contiguous()
         if self.FBM is not None:
             x = self.FBM(x)
         # channel attention on the input and filter attention on the output: exact (conv is linear per
