@@ -1,4 +1,4 @@
-"""Checkpoints of the official ODConv, KernelWarehouse, DCD, DGC and IC-Conv code, in and out of dynconv models.
+"""Checkpoints of the official ODConv, KernelWarehouse, DCD, DGC, IC-Conv and FDConv code, in and out of dynconv models.
 
 dynconv models are timm backbones; the official code defines its own ResNet, MobileNetV2 and
 ConvNeXt classes. The layers keep the official parameter names (``<conv>.weight`` and
@@ -21,6 +21,13 @@ official models (checked against OSVAI/ODConv ``models/*.py`` and OSVAI/KernelWa
   the BatchNorm after a DGC downsample sits one level deeper, at ``downsample.1.norm``.
 - IC-Conv (yifan123/IC-Conv ``ic_resnet*``): torchvision names; an Inception conv keeps the
   official ``conv_list.{j}`` member convs, one per dilation pattern with a non-zero count.
+- FDConv (Linwei-Chen/FDConv ``FDConv_detection/mmdet_custom/resnet.py``, ``ResNet_FDConv``, ResNet only):
+  torchvision names (mmdet's ResNet uses them too); an FDConv layer keeps the official ``dft_weight``,
+  ``KSM_Global.*``, ``KSM_Local.*`` and ``FBM.*`` names. The official files are mmdet detector
+  checkpoints (``{'meta', 'state_dict': {'backbone.' + key, 'neck.*', '*_head.*'}}``; the backbone has no
+  classifier) and the converted ImageNet weights of ``tools/convert_to_fdconv.py`` (a bare torchvision
+  state dict whose converted convs hold ``dft_weight`` instead of ``weight``, without the KSM / FBM tensors:
+  those are static weights, for ``pretrained=``).
 - ConvNeXt (KernelWarehouse repo only): ``downsample_layers.0`` is the stem,
   ``downsample_layers.{i}`` the downsampling norm + conv, ``stages.{i}.{j}.dwconv/norm/pwconv1/
   pwconv2/gamma`` the blocks, ``norm`` and ``head`` the head. The static model keeps ``pwconv``
@@ -48,8 +55,9 @@ from .ops.dgc import DGCConv2d
 from .registry import get_variant
 from .schedules import set_progress
 
-ODCONV, KW, DCD, DGC, ICCONV, STATE_DICT = "odconv", "kw", "dcd", "dgc", "icconv", "state_dict"
-FORMATS: Tuple[str, ...] = (ODCONV, KW, DCD, DGC, ICCONV, STATE_DICT)
+ODCONV, KW, DCD, DGC, ICCONV, FDCONV, STATE_DICT = "odconv", "kw", "dcd", "dgc", "icconv", "fdconv", "state_dict"
+FORMATS: Tuple[str, ...] = (ODCONV, KW, DCD, DGC, ICCONV, FDCONV, STATE_DICT)
+_MMDET_BACKBONE = "backbone."  # key prefix of the backbone in an mmdet detector checkpoint
 _DDP_PREFIX = "module."
 
 Checkpoint = Union[str, "os.PathLike[str]", Mapping[str, Any]]
@@ -192,11 +200,12 @@ def _family(model: nn.Module) -> Tuple[str, str]:
 def _layout(model: nn.Module) -> _Layout:
     variant, family = _family(model)
     backbone = detect_backbone(model)
-    if family not in ("static", "odconv", "kw", "dcd", "dgc", "icconv"):
+    if family not in ("static", "odconv", "kw", "dcd", "dgc", "icconv", "fdconv"):
         raise ValueError(
             f"no official checkpoint layout for conv variant {variant!r}: import_official/export_official "
             "support 'static', 'odconv_*' (OSVAI/ODConv), 'kw_*' (OSVAI/KernelWarehouse), 'dcd' "
-            "(liyunsheng13/dcd), 'dgc' (zhuogege1943/dgc) and 'icconv' (yifan123/IC-Conv) models"
+            "(liyunsheng13/dcd), 'dgc' (zhuogege1943/dgc), 'icconv' (yifan123/IC-Conv) and 'fdconv' "
+            "(Linwei-Chen/FDConv) models"
         )
     if backbone not in (RESNET, MOBILENETV2, CONVNEXT):
         raise ValueError(
@@ -204,7 +213,7 @@ def _layout(model: nn.Module) -> _Layout:
             "supported: ResNet, MobileNetV2, ConvNeXt models from dynconv.create_model"
         )
     if family in ("odconv", "dcd", "dgc", "icconv") and backbone == CONVNEXT or \
-            family in ("dgc", "icconv") and backbone != RESNET:
+            family in ("dgc", "icconv", "fdconv") and backbone != RESNET:
         raise ValueError(f"the official {family} code has no {backbone} model, so there is no official layout")
     if family == "dgc":
         renames = {f"{name}.1": f"{name}.1.norm" for name, m in model.named_modules()
@@ -212,6 +221,8 @@ def _layout(model: nn.Module) -> _Layout:
         return _Layout(DGC, renames, _same_shape)
     if family == "icconv":
         return _Layout(ICCONV, {}, _same_shape)
+    if family == "fdconv":
+        return _Layout(FDCONV, {}, _same_shape)
     if family == "dcd":
         if backbone == RESNET:  # ResNet_dcd: classifier = Sequential(DYCls) (dropout=None, the default)
             return _Layout(DCD, {"fc": "classifier.0"}, _same_shape)
@@ -302,7 +313,7 @@ def _unwrap(checkpoint: Any, ema: bool, where: str) -> Tuple[Dict[str, torch.Ten
 def import_official(
     model: nn.Module, checkpoint: Checkpoint, *, ema: bool = False, final_schedule: bool = True
 ) -> ImportReport:
-    """Load a checkpoint written by the official ODConv, KernelWarehouse, DCD or DGC code into ``model``.
+    """Load a checkpoint written by the official ODConv, KernelWarehouse, DCD, DGC, IC-Conv or FDConv code into ``model``.
 
     Loading is strict: every tensor of the checkpoint must land in ``model`` and every tensor of
     ``model`` must come from the checkpoint, with equal shapes. Everything is checked before
@@ -314,7 +325,9 @@ def import_official(
             matching the checkpoint's architecture and options (for ``icconv``: its pattern file).
         checkpoint: a file path (read with ``torch.load(weights_only=True)``) or the loaded object:
             an ODConv, DCD or DGC file (``{'state_dict': ...}``, ``module.`` prefixes dropped), a
-            KernelWarehouse file (``{'model': ..., 'model_ema': ...}``) or a bare state dict (IC-Conv).
+            KernelWarehouse file (``{'model': ..., 'model_ema': ...}``), a bare state dict (IC-Conv), or for
+            ``fdconv`` an mmdet detector checkpoint (its ``backbone.*`` tensors, strictly; the neck and heads
+            are ignored and the model's classifier, which the detection backbone lacks, is left as it is).
         ema: read ``'model_ema'`` of a KernelWarehouse file (its EMA weights) instead of ``'model'``.
         final_schedule: set every scheduled layer to its end-of-training value (ODConv temperature 1,
             KernelWarehouse tau 0, DGC fully pruned), which is how the official code evaluates and
@@ -340,8 +353,16 @@ def import_official(
     names = official_names(model)
     target = model.state_dict()
     by_official = {official: key for key, official in names.items()}
+    headless: List[str] = []  # the model's classifier keys a detector backbone does not have
+    if layout.name == FDCONV and any(k.startswith(_MMDET_BACKBONE) for k in state):
+        # an mmdet detector checkpoint: its backbone is the model without the classifier; neck and heads
+        # are not the backbone's
+        state = {k[len(_MMDET_BACKBONE):]: v for k, v in state.items() if k.startswith(_MMDET_BACKBONE)}
+        fmt, prefix = FDCONV, _MMDET_BACKBONE
+        head = _classifier_prefix(model)
+        headless = [o for o in by_official if o.startswith(head) and o not in state]
 
-    missing = [o for o in by_official if o not in state]
+    missing = [o for o in by_official if o not in state and o not in headless]
     unexpected = [k for k in state if k not in by_official]
     mismatched: List[str] = []
     new_state: Dict[str, torch.Tensor] = {}
@@ -376,11 +397,18 @@ def import_official(
             lines.append(f"first unexpected key {prefix + unexpected[0]!r} {list(state[unexpected[0]].shape)}")
         raise ValueError("; ".join(lines))
 
-    model.load_state_dict(new_state, strict=True)
+    loaded = model.load_state_dict(new_state, strict=not headless)
+    if sorted(loaded.missing_keys) != sorted(by_official[o] for o in headless):  # never a user error
+        raise RuntimeError(f"import_official: unexpected missing keys {loaded.missing_keys[:3]}")
     if final_schedule:
         set_progress(model, float("inf"))
     variant, _ = _family(model)
     return ImportReport(fmt, layout.name, variant, detect_backbone(model), len(new_state), source)
+
+
+def _classifier_prefix(model: nn.Module) -> str:
+    classifier = model.get_classifier()
+    return next(name for name, m in model.named_modules() if m is classifier) + "."
 
 
 def export_official(model: nn.Module, format: Optional[str] = None) -> Dict[str, Any]:
@@ -392,10 +420,13 @@ def export_official(model: nn.Module, format: Optional[str] = None) -> Dict[str,
             ``kw`` -> ``{'model': {key: tensor}}`` (KernelWarehouse ``utils.save_model``),
             ``dcd`` -> ``{'state_dict': {key: tensor}}`` (DCD ``main.py``),
             ``dgc`` -> ``{'state_dict': {'module.' + key: tensor}}`` (DGC ``main.py``, DataParallel),
-            ``icconv`` and ``state_dict`` -> the bare official state dict (IC-Conv's released files).
+            ``icconv`` and ``state_dict`` -> the bare official state dict (IC-Conv's released files; for
+            FDConv the layout of ``tools/convert_to_fdconv.py``'s files, with the trained KSM / FBM tensors),
+            ``fdconv`` -> ``{'state_dict': {'backbone.' + key: tensor}}`` without the classifier (the backbone
+            part of an mmdet detector checkpoint of ``ResNet_FDConv``).
             Default: the format of the repository that defines the model's variant (``odconv`` for
             ODConv and static ResNet/MobileNetV2, ``kw`` for KernelWarehouse and ConvNeXt, ``dcd``,
-            ``dgc`` and ``icconv`` for theirs).
+            ``dgc``, ``icconv`` and ``fdconv`` for theirs).
 
     Returns:
         A dict ``torch.save`` can write; tensors are detached CPU copies.
@@ -417,6 +448,9 @@ def export_official(model: nn.Module, format: Optional[str] = None) -> Dict[str,
         return {"model": state}
     if format == DCD:
         return {"state_dict": state}
+    if format == FDCONV:
+        head = _classifier_prefix(model)
+        return {"state_dict": {_MMDET_BACKBONE + k: v for k, v in state.items() if not k.startswith(head)}}
     return state
 
 

@@ -6,6 +6,7 @@ float64, without ``torch.fft``: explicit DFT sums, per-sample loops, the ECA 1-D
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,8 +194,13 @@ OFFICIAL_BACKBONE_PARAMS = 27_155_152
 STATIC_BACKBONE_PARAMS = 23_508_032
 
 
-def test_resnet50_parameters_equal_the_official_backbone():
-    model = dynconv.create_model("resnet50", "fdconv")
+@pytest.fixture(scope="module")
+def resnet50():
+    return dynconv.create_model("resnet50", "fdconv").eval()
+
+
+def test_resnet50_parameters_equal_the_official_backbone(resnet50):
+    model = resnet50
     static = dynconv.create_model("resnet50", "static")
     fc = sum(p.numel() for p in model.fc.parameters())
     assert dynconv.count_params(static) - fc == STATIC_BACKBONE_PARAMS
@@ -275,3 +281,74 @@ def test_conversion_from_a_static_conv_is_exact_and_the_official_one_is_not():
         _map_fdconv(layer, "conv", conv.weight, conv.bias, PretrainedReport(source="test", arch="test"))
         for mode in (True, False):
             torch.testing.assert_close(layer.train(mode)(x), conv(x), rtol=0, atol=1e-12)
+
+
+# -- official checkpoints -----------------------------------------------------------------------------------------
+
+OFFICIAL_KEYS = Path(__file__).parent / "data" / "fdconv_resnet50_official_keys.txt"
+
+
+def _official_key_shapes() -> dict:
+    out = {}
+    for line in OFFICIAL_KEYS.read_text().splitlines():
+        if line and not line.startswith("#"):
+            key, _, dims = line.partition(" ")
+            out[key] = tuple(int(d) for d in dims.split(",") if d)
+    return out
+
+
+@pytest.fixture(scope="module")
+def resnet18_pair():
+    """Two ResNet18s of different weights (the ResNet layout is the same at every depth)."""
+    torch.manual_seed(1)
+    src = dynconv.create_model("resnet18", "fdconv", num_classes=10)
+    torch.manual_seed(2)
+    dst = dynconv.create_model("resnet18", "fdconv", num_classes=10)
+    return src.eval(), dst.eval()
+
+
+def test_export_has_the_official_backbone_keys(resnet50):
+    """Names and shapes of the official ``ResNet_FDConv`` state dict (recorded from the official module, see the
+    fixture file's header), plus the classifier: the bare ``state_dict`` format; ``fdconv``: the mmdet detector
+    checkpoint's ``backbone.*`` part."""
+    model = resnet50
+    official = _official_key_shapes()
+    assert len(official) == 1262
+    bare = dynconv.export_official(model, "state_dict")
+    assert {k: tuple(v.shape) for k, v in bare.items() if not k.startswith("fc.")} == official
+    detector = dynconv.export_official(model)["state_dict"]
+    assert {k: tuple(v.shape) for k, v in detector.items()} == {"backbone." + k: s for k, s in official.items()}
+
+
+def test_detector_checkpoint_round_trip(resnet18_pair, tmp_path):
+    """An mmdet detector checkpoint (``backbone.*`` plus neck and heads) loads strictly into the backbone; the
+    classifier, which the detector has not, stays as it was. Same outputs as the source model."""
+    src, dst = resnet18_pair
+    ckpt = dynconv.export_official(src)
+    ckpt["state_dict"]["neck.lateral_convs.0.conv.weight"] = torch.zeros(256, 256, 1, 1)
+    ckpt["meta"] = {"epoch": 12}
+    torch.save(ckpt, tmp_path / "epoch_12.pth")
+    fc_before = dst.fc.weight.detach().clone()
+    report = dynconv.import_official(dst, tmp_path / "epoch_12.pth")
+    assert (report.source_format, report.layout, report.loaded) == ("fdconv", "fdconv", len(ckpt["state_dict"]) - 1)
+    assert torch.equal(dst.fc.weight, fc_before)
+    dst.fc.load_state_dict(src.fc.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = src(x)
+        assert want.isfinite().all() and want.abs().max() > 0
+        torch.testing.assert_close(dst(x), want, rtol=0, atol=0)
+    # a backbone tensor missing is an error, and the model is untouched
+    del ckpt["state_dict"]["backbone.layer2.0.conv2.dft_weight"]
+    with pytest.raises(ValueError, match="1 missing.*layer2.0.conv2.dft_weight"):
+        dynconv.import_official(dynconv.create_model("resnet18", "fdconv", num_classes=10), ckpt)
+
+
+def test_bare_state_dict_round_trip_and_other_backbones(resnet18_pair):
+    src, dst = resnet18_pair
+    report = dynconv.import_official(dst, dynconv.export_official(src, "state_dict"))
+    assert (report.source_format, report.loaded) == ("state_dict", len(src.state_dict()))
+    for key, value in src.state_dict().items():
+        assert torch.equal(dst.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="no mobilenetv2 model"):
+        dynconv.export_official(dynconv.create_model("mobilenetv2_050", "fdconv"))
