@@ -12,7 +12,7 @@ import dynconv.ops.functional as functional
 
 DYNAMIC = [c for c in dynconv.list_convs() if c not in ("static", "se", "cbam", "eca")]
 # one variant per family for the compile test (the variants of a family share their forward)
-FAMILIES = ["condconv_8x", "dyconv_4x", "dcd", "odconv_4x", "odconv_1x", "kw_1x", "dgc", "icconv"]
+FAMILIES = ["condconv_8x", "dyconv_4x", "dcd", "odconv_4x", "odconv_1x", "kw_1x", "dgc", "icconv", "fdconv"]
 
 
 class SmallCNN(nn.Module):
