@@ -211,6 +211,24 @@ def test_kw_coco_convnext_rows_follow_the_official_configs():
     assert _row("kw_coco", "kw_1x", "resnet50").recipe.scheduler.milestones == [8, 11]
 
 
+
+def test_fdconv_coco_rows_follow_the_official_configs():
+    """Linwei-Chen/FDConv FDConv_detection/configs: faster_rcnn_r50_fpn_1x_coco_FDConv.py (SGD 1x, Pad 64 from
+    _base_/datasets/coco_detection.py, need_grad_list=['KSM', 'FBM']) and mask_rcnn_r50_fpn_1x_coco_adamw_FDConv.py
+    (AdamW 1e-4 / 0.05, custom_keys 'norm' at decay_mult 0, lr_config step=[10, 11], fp16, train Pad 64)."""
+    faster = _row("fdconv_coco", "fdconv")
+    assert (faster.detector.name, faster.recipe.name, faster.model.name) == ("faster_rcnn", "det_1x_sgd", "resnet50")
+    assert faster.recipe.optimizer.lr == 0.02 and faster.recipe.scheduler.milestones == [8, 11]
+    assert faster.detector.kwargs["size_divisible"] == 64 and list(faster.detector.frozen_trainable) == ["KSM", "FBM"]
+    assert list(_row("fdconv_coco", "odconv_4x").detector.frozen_trainable) == []  # ODConv froze its whole stage
+    mask = _row("fdconv_coco_mask", "fdconv")
+    assert (mask.detector.name, mask.recipe.name, mask.trainer.amp) == ("mask_rcnn", "det_1x_adamw", "fp16")
+    assert mask.recipe.scheduler.milestones == [10, 11] and mask.recipe.optimizer.lr == 1e-4
+    assert mask.recipe.optimizer.weight_decay == 0.05 and mask.recipe.optimizer.decay_1d
+    assert "norm" in mask.recipe.optimizer.no_decay_keys and mask.detector.kwargs["size_divisible"] == 64
+    assert list(mask.detector.frozen_trainable) == ["KSM", "FBM"]
+    assert _row("fdconv_coco_mask", "kw_1x").model.drop_path_rate == 0.1
+
 # ------------------------------------------------------------------------------------------------------
 # Recipes as the official code ran them: learning rate per epoch / update, weight decay groups.
 

@@ -42,12 +42,12 @@ def test_every_row_names_a_known_setting_and_holds_a_number():
 
 # The public documents the numbers are read from: an official repository's README (OSVAI/ODConv README.md and
 # object_detection/README.md, OSVAI/KernelWarehouse README.md and detection/README.md, zhuogege1943/dgc
-# README.md, yifan123/IC-Conv README.md), a paper's table or text, or the FDConv README's copy of the ODConv
-# and KW papers' COCO tables (Linwei-Chen/FDConv README.md). "via MCL": a third-party paper whose ImageNet
+# README.md, yifan123/IC-Conv README.md), a paper's table or text, or the FDConv README's COCO table
+# (Linwei-Chen/FDConv README.md: FDConv's own rows, and its copy of the ODConv and KW papers' rows). "via MCL": a third-party paper whose ImageNet
 # tables copy the ODConv / KW papers' rows (results/README.md).
 SOURCE = re.compile(r"(ODConv README \((ResNet|MobileNetV2) table\)|ODConv object_detection/README\.md|"
                     r"KW README \((300-epoch|MobileNetV2 150-epoch) table\)|KW detection/README\.md|DGC README|"
-                    r"IC-Conv README|(ODConv|KW) paper|ODConv and KW papers')")
+                    r"IC-Conv README|FDConv README|(ODConv|KW) paper|ODConv and KW papers')")
 
 
 def test_every_value_names_its_public_source():
