@@ -332,7 +332,9 @@ class FDConv2d(DynamicConv2dBase):
             return self.static_kernel()
         dtype = _fft_dtype(self.dft_weight.dtype)
         scaled = torch.view_as_complex(self.dft_weight[0].to(dtype) * self.alpha)  # official order: (F * alpha) * a
-        per_bin = a_k[:, self.groups_of_bins].to(dtype)  # (B, rows, cols // 2 + 1)
+        # (B, rows, cols // 2 + 1); index_select's backward is an index_add, far cheaper than indexing's index_put
+        per_bin = a_k.index_select(1, self.groups_of_bins.flatten()).reshape(-1, *self.groups_of_bins.shape)
+        per_bin = per_bin.to(dtype)
         return self._from_spectrum(scaled * per_bin)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
