@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten
 from .benchmark import BenchSettings, _prepare, training_step
 
 __all__ = ["LiveTensorTracker", "live_training_memory", "training_memory_floor", "attention_activation_bytes",
-           "peak_holders", "memory_rows"]
+           "peak_holders", "memory_rows", "FLOOR_TARGET"]
 
 
 def _storage(t: torch.Tensor) -> Optional[torch.UntypedStorage]:
@@ -307,11 +307,18 @@ def training_memory_floor(model: nn.Module, static_peak: int, settings: BenchSet
     return parts
 
 
+# Target of issue 21 (point 3): a variant's peak within this factor of its floor (ResNet18 at batch 16,
+# MobileNetV2 1.0 at batch 32, 224 px).
+FLOOR_TARGET = 1.2
+
+
 def memory_rows(arch: str, convs: Sequence[str], settings: BenchSettings, steps: int = 2,
-                holders: int = 0) -> List[Dict[str, object]]:
-    """One row per conv of ``convs`` on ``arch`` (``static`` first, added when missing): live training
-    peak, its floor and components (MiB), peak / floor and peak / static; ``holders`` > 0 adds the top
-    holders at the peak (label, MiB) of each variant."""
+                holders: int = 3) -> List[Dict[str, object]]:
+    """One row per conv of ``convs`` on ``arch`` (``static`` first, added when missing): the live training
+    peak (:func:`live_training_memory`), its floor and the floor's components (MiB), peak / floor (with
+    ``within_target``: at most :data:`FLOOR_TARGET`) and peak / static, and ``holders``: the largest
+    holders at the peak besides parameters, momentum and forward activations, i.e. what a step holds
+    beyond what the static step holds too ((label, MiB), ``holders`` of them)."""
     from . import create_model
 
     names = ["static", *[c for c in convs if c != "static"]]
@@ -321,18 +328,20 @@ def memory_rows(arch: str, convs: Sequence[str], settings: BenchSettings, steps:
     for conv in names:
         torch.manual_seed(0)
         model = create_model(arch, conv, num_classes=settings.num_classes)
-        peak = live_training_memory(model, settings, steps)
+        tracker = _measure(model, settings, steps, holders=holders > 0)
+        peak = tracker.peak
         if conv == "static":
             static_peak, static_params = peak, _param_bytes(model)
         floor = training_memory_floor(model, static_peak, settings, static_param_bytes=static_params)
+        ratio = peak / floor["floor"]
         row: Dict[str, object] = {"arch": arch, "conv": conv, "batch": settings.batch,
                                   "peak_mib": round(peak / mib, 1), "floor_mib": round(floor["floor"] / mib, 1),
-                                  "peak_over_floor": round(peak / floor["floor"], 3),
+                                  "peak_over_floor": round(ratio, 3), "within_target": ratio <= FLOOR_TARGET,
                                   "peak_over_static": round(peak / static_peak, 3)}
         row.update({f"{k}_mib": round(v / mib, 1) for k, v in floor.items() if k != "floor"})
         if holders:
-            torch.manual_seed(0)
-            model = create_model(arch, conv, num_classes=settings.num_classes)
-            row["holders"] = [(label, round(b / mib, 1)) for label, b in peak_holders(model, settings, steps, holders)]
+            others = [(label, b) for label, b in tracker.top_holders(10**6)
+                      if not label.startswith(("forward", "parameter", "buffer", "input", "step: clone"))]
+            row["holders"] = [(label, round(b / mib, 1)) for label, b in others[:holders]]
         rows.append(row)
     return rows

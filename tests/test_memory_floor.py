@@ -1,6 +1,7 @@
 """Live-tensor memory counting and the training-memory floor (dynconv.memory_floor), against hand counts."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -8,6 +9,7 @@ from dynconv import create_model
 from dynconv.benchmark import BenchSettings
 from dynconv.memory_floor import (LiveTensorTracker, attention_activation_bytes, live_training_memory,
                                   peak_holders, training_memory_floor)
+from dynconv.ops import functional
 from dynconv.ops.odconv import ODConv2d
 
 F32 = 4
@@ -88,3 +90,77 @@ def test_odconv_floor_components_by_hand():
     static_peak = live_training_memory(static, settings)
     floor = training_memory_floor(model, static_peak, settings, static_model=static)["floor"]
     assert live_training_memory(model, settings) >= floor
+
+
+@pytest.mark.parametrize("groups,kernel,stride", [(1, 3, 1), (2, 3, 2), (1, 1, 1), (4, 1, 1)])
+@pytest.mark.parametrize("attentions", [(), ("taps",), ("taps", "channels")])
+def test_mixed_kernels_in_slices_equal_mixing_first(monkeypatch, groups, kernel, stride, attentions):
+    """per_sample_conv2d(mixing=...) on the matmul path forms the per-sample kernels a slice of output
+    channels at a time (one channel per slice here); values and float64 gradients equal mixing first and
+    convolving each sample with its kernel (the grouped path)."""
+    monkeypatch.setattr(functional, "MIX_CHUNK_BYTES", 1)
+    torch.manual_seed(0)
+    batch, n, c_in, c_out = 3, 4, 8, 6 if groups != 4 else 8
+    opts = dict(dtype=torch.float64, requires_grad=True)
+    x = torch.randn(batch, c_in, 6, 6, **opts)
+    coeffs = torch.rand(batch, n, **opts)
+    bank = torch.randn(n, c_out, c_in // groups, kernel, kernel, **opts)
+    taps = torch.rand(batch, kernel * kernel, **opts) if "taps" in attentions else None
+    channels = torch.rand(batch, c_in, **opts) if "channels" in attentions else None
+    args = dict(stride=(stride, stride), padding=(kernel // 2,) * 2, groups=groups, tap_scale=taps, in_scale=channels)
+    got = functional.per_sample_conv2d(x, None, None, mixing=(coeffs, bank), path="matmul", **args)
+    expected = functional.per_sample_conv2d(x, functional.mix_kernels(coeffs, bank), None, path="grouped", **args)
+    torch.testing.assert_close(got, expected)
+    leaves = [t for t in (x, coeffs, bank, taps, channels) if t is not None]
+    upstream = torch.randn_like(expected)
+    for g, e in zip(torch.autograd.grad(got, leaves, upstream), torch.autograd.grad(expected, leaves, upstream)):
+        torch.testing.assert_close(g, e)
+
+
+def test_mixed_kernels_are_never_all_alive_in_training(monkeypatch):
+    """A DY-Conv layer's training step on the matmul path, in slices of one output channel, never holds its
+    B per-sample kernels (B x C_out x C_in x 9) or their gradient; formed whole (one slice), it does."""
+    from dynconv.ops.dyconv import DynamicConv2d
+
+    batch, channels = 8, 128
+    layer = DynamicConv2d(channels, channels, 3, padding=1, bias=False).double()
+    x = torch.randn(batch, channels, 4, 4, dtype=torch.float64, requires_grad=True)
+    kernels_bytes = batch * layer.weight[0].numel() * 8
+
+    def step_peak(chunk_bytes: int) -> int:
+        monkeypatch.setattr(functional, "MIX_CHUNK_BYTES", chunk_bytes)
+        with LiveTensorTracker() as tracker:
+            tracker.add([x, *layer.parameters()], "inputs")
+            before = tracker.current
+            layer(x).sum().backward()
+        return tracker.peak - before
+
+    # besides the bank's gradient (4 x the weights), the unfolded input (9 x 128 x 16 per sample) and the
+    # input gradient's partial sums: together under half the kernels
+    bank_grad_bytes = layer.weight.numel() * 8
+    assert step_peak(1) - bank_grad_bytes < 0.5 * kernels_bytes
+    assert step_peak(2**40) >= kernels_bytes
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2**40])
+@pytest.mark.parametrize("blocks,kernel,stride", [((2, 2), 3, 1), ((1, 2), 3, 2), ((2, 1), 1, 1)])
+def test_kernelwarehouse_cells_mixed_in_chunks_equal_mixing_first(monkeypatch, chunk_bytes, blocks, kernel, stride):
+    """cell_conv2d(mixing=(rows, bank)) forms the cells a chunk of mixtures at a time (one here, or all);
+    values and float64 gradients equal mixing the cells first (``rows @ bank``) and contracting them."""
+    monkeypatch.setattr(functional, "MIX_CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(0)
+    batch, n, cell_out, cell_in = 3, 5, 4, 3
+    mixtures = kernel * kernel * blocks[0] * blocks[1]
+    opts = dict(dtype=torch.float64, requires_grad=True)
+    x = torch.randn(batch, cell_in * blocks[1], 6, 6, **opts)
+    rows = torch.randn(mixtures * batch, n, **opts)
+    bank = torch.randn(n, cell_out, cell_in, **opts)
+    args = (blocks, (kernel, kernel), (stride, stride), (kernel // 2,) * 2)
+    got = functional.cell_conv2d(x, None, *args, mixing=(rows, bank))
+    cells = (rows @ bank.reshape(n, -1)).reshape(mixtures, batch, cell_out, cell_in)
+    expected = functional.cell_conv2d(x, cells, *args)
+    torch.testing.assert_close(got, expected)
+    upstream = torch.randn_like(expected)
+    for g, e in zip(torch.autograd.grad(got, (x, rows, bank), upstream),
+                    torch.autograd.grad(expected, (x, rows, bank), upstream)):
+        torch.testing.assert_close(g, e)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ._base import DynamicConv2dBase, IntOrPair, Padding, init_bias_like_conv
 from ._routing import global_pool
-from .functional import mix_kernels, per_sample_conv2d
+from .functional import per_sample_conv2d
 
 
 class CondConv2d(DynamicConv2dBase):
@@ -52,10 +52,8 @@ class CondConv2d(DynamicConv2dBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = torch.sigmoid(self.routing(global_pool(x).flatten(1)))
-        weight = mix_kernels(routing, self.weight)
         bias = routing @ self.bias if self.bias is not None else None
-        return per_sample_conv2d(x, weight, bias, **self._conv_kwargs(),
-                                 rebuild=lambda: mix_kernels(routing, self.weight))
+        return per_sample_conv2d(x, None, bias, **self._conv_kwargs(), mixing=(routing, self.weight))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_experts={self.num_experts}"

@@ -196,12 +196,18 @@ class DGCConv2d(DynamicConv2dBase, ScheduledModule):
         return out
 
     def forward_dense(self, x: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
-        """Every head over every input channel, the saliencies folded into per-sample kernels whose
-        rows are already in the interleaved output order."""
-        weight = self.head_weights().transpose(0, 1)  # (C_out / heads, heads, C_in, kh, kw)
-        kernels = weight.unsqueeze(0) * saliency[:, None, :, :, None, None]
-        kernels = kernels.reshape(x.shape[0], self.out_channels, self.in_channels, *self.kernel_size)
-        return per_sample_conv2d(x, kernels, None, self.stride, self.padding, self.dilation)
+        """Every head over every input channel: head ``h`` is its own (shared) kernel over the input scaled
+        by its saliencies, ``conv(x * s_h, W_h)`` (the same as scaling the kernel's input channels), and
+        the heads' outputs interleave (output channel ``o * heads + h``). No per-sample kernels: in
+        training those (``B`` x the weights, and as much again for their gradient) were the layer's
+        largest tensors; each scaled input is rebuilt in the backward (``in_scale``)."""
+        if x.shape[0] == 1 and not torch.is_grad_enabled():  # one sample: one conv with folded kernels
+            weight = self.head_weights().transpose(0, 1) * saliency[0][None, :, :, None, None]
+            return F.conv2d(x, weight.reshape(self.out_channels, self.in_channels, *self.kernel_size), None,
+                            self.stride, self.padding, self.dilation)
+        outs = [per_sample_conv2d(x, head.conv.weight, None, self.stride, self.padding, self.dilation,
+                                  in_scale=saliency[:, h]) for h, head in enumerate(self.head_modules())]
+        return torch.stack(outs, dim=2).flatten(1, 2)
 
     def sparse_width(self, device: torch.device) -> int:
         """Input channels each head reads on the sparse path: the kept ones, rounded up to the

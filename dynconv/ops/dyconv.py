@@ -18,7 +18,7 @@ from torch import nn
 from ..schedules import attention_temperature
 from ._base import DynamicConv2dBase, IntOrPair, Padding
 from ._routing import TemperatureScheduled, global_pool
-from .functional import mix_kernels, per_sample_conv2d
+from .functional import per_sample_conv2d
 
 
 class DYAttention(TemperatureScheduled):
@@ -79,9 +79,8 @@ class DynamicConv2d(DynamicConv2dBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.attention(x)
-        weight = mix_kernels(attn, self.weight)
         bias = attn @ self.bias if self.bias is not None else None
-        return per_sample_conv2d(x, weight, bias, **self._conv_kwargs(), rebuild=lambda: mix_kernels(attn, self.weight))
+        return per_sample_conv2d(x, None, bias, **self._conv_kwargs(), mixing=(attn, self.weight))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_kernels={self.num_kernels}"

@@ -98,7 +98,7 @@ def choose_path_for(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequenc
 
 def per_sample_conv2d(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: Optional[torch.Tensor],
     bias: Optional[torch.Tensor] = None,
     stride: Sequence[int] = (1, 1),
     padding: Padding = (0, 0),
@@ -108,13 +108,15 @@ def per_sample_conv2d(
     path: Optional[str] = None,
     rebuild: Optional[Callable[[], torch.Tensor]] = None,
     in_scale: Optional[torch.Tensor] = None,
+    mixing: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Convolve sample ``b`` of ``x`` with ``weight[b]`` (times ``tap_scale[b]`` per kernel tap).
 
     Args:
         x: ``(B, C_in, H, W)``.
         weight: ``(B, C_out, C_in // groups, kh, kw)``, one kernel per sample, or
-            ``(C_out, C_in // groups, kh, kw)`` shared by all samples (then only ``tap_scale`` varies).
+            ``(C_out, C_in // groups, kh, kw)`` shared by all samples (then only ``tap_scale`` varies);
+            ``None`` with ``mixing``.
         bias: ``(B, C_out)`` per-sample bias, ``(C_out,)`` shared bias, or ``None``.
         stride, padding, dilation, groups: as in :func:`torch.nn.functional.conv2d`.
         tap_scale: optional ``(B, kh * kw)`` per-sample factor of each kernel position (ODConv's
@@ -128,28 +130,42 @@ def per_sample_conv2d(
             for one more kernel mixing.
         in_scale: optional ``(B, C_in)`` factor of each input channel (ODConv's channel attention),
             applied here so that the scaled input, too, is rebuilt in the backward rather than kept.
+        mixing: ``(coeffs, bank)`` instead of ``weight``: the per-sample kernels are
+            :func:`mix_kernels` ``(coeffs, bank)``. On the matmul path with autograd they are then never
+            formed whole: a slice of output channels at a time, forward and backward
+            (:class:`_MixedMatmul`), so training holds at most :data:`MIX_CHUNK_BYTES` of them instead of
+            ``B`` x the layer's weights (and as much again for their gradient). Elsewhere they are mixed
+            here and rebuilt in the backward (as with ``rebuild``).
 
     Returns:
         ``(B, C_out, H', W')``.
     """
+    if mixing is not None:
+        coeffs, bank = mixing
+        path = path or choose_path_for(x, bank.shape[-2:], stride, padding, groups)
+        if path != "matmul" or not torch.is_grad_enabled() or tracing():
+            weight, rebuild, mixing = mix_kernels(coeffs, bank), (lambda: mix_kernels(coeffs, bank)), None
     path = path or choose_path(x, weight, stride, padding, groups)
     if path not in PATHS:
         raise ValueError(f"unknown path {path!r}; choose one of {PATHS}")
-    c_out = weight.shape[-4]
+    c_out = (weight if mixing is None else mixing[1]).shape[-4]
     # The matmul path's input gradient is a transposed view, which torch 2.1's CPU GELU backward would turn
     # into uninitialised memory (see dynconv._compat.contiguous_grad); on other torch releases a no-op.
     x = contiguous_grad(x)
     # per-sample kernels (and scaled copies) to rebuild in the backward instead of keeping them
     recipes = KernelRecipes(wanted=rebuild is not None or tap_scale is not None or in_scale is not None
                             or path == "matmul")
-    if rebuild is not None and weight.dim() == 5:
+    if rebuild is not None and mixing is None and weight.dim() == 5:
         recipes.add(weight, rebuild)
     with rebuilt_in_backward(recipes, x.device):
         if in_scale is not None:
             source, factor = x, in_scale.reshape(*in_scale.shape, 1, 1)
             x = source * factor
             recipes.add(x, lambda: source * factor)
-        out = _conv(path, x, weight, stride, padding, dilation, groups, tap_scale, recipes)
+        if mixing is not None:
+            out = _matmul_conv(x, mixing[1], stride, padding, dilation, groups, tap_scale, recipes, mixing[0])
+        else:
+            out = _conv(path, x, weight, stride, padding, dilation, groups, tap_scale, recipes)
     if bias is not None:
         out = out + bias.reshape(-1 if bias.dim() == 2 else 1, c_out, 1, 1)
     return out
@@ -186,8 +202,9 @@ def _conv(path: str, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int
 
 def _matmul_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Padding,
                  dilation: Sequence[int], groups: int, tap_scale: Optional[torch.Tensor],
-                 recipes: Optional[KernelRecipes] = None) -> torch.Tensor:
-    """The conv as ``kernels @ unfolded input``, batched over samples and groups.
+                 recipes: Optional[KernelRecipes] = None, coeffs: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The conv as ``kernels @ unfolded input``, batched over samples and groups; with ``coeffs``, the
+    kernels are ``mix_kernels(coeffs, weight)``, formed a slice of output channels at a time.
 
     The unfolded input (``kh * kw`` times the input) and its tap-scaled copy are rebuilt in the backward
     from the input (itself kept, or rebuilt by its own recipe) instead of kept: with ``recipes`` enabled.
@@ -219,7 +236,9 @@ def _matmul_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], p
         out = weight.reshape(c_out, -1) @ cols
         return out.reshape(c_out, batch, out_h, out_w).transpose(0, 1).contiguous()
     kernels = weight.reshape(*weight.shape[:-4], groups, c_out // groups, -1)  # ([B,] g, C_out / g, K)
-    if weight.dim() == 5 and torch.is_grad_enabled() and not tracing():
+    if coeffs is not None:  # ``kernels`` is the bank (n, g, C_out / g, K)
+        out = _MixedMatmul.apply(coeffs, kernels, cols)
+    elif weight.dim() == 5 and torch.is_grad_enabled() and not tracing():
         out = _PerSampleMatmul.apply(kernels, cols)
     else:
         out = torch.matmul(kernels, cols)
@@ -250,6 +269,63 @@ class _PerSampleMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             d_kernels = (grad @ cols.to(grad.dtype).transpose(-1, -2)).to(ctx.dtypes[0])
         return d_kernels, d_cols
+
+
+# The most bytes of per-sample kernels (or of their gradient) :class:`_MixedMatmul` forms at once.
+MIX_CHUNK_BYTES = 16 * 2**20
+
+
+def _channel_slices(batch: int, bank: torch.Tensor, itemsize: int) -> Iterator[slice]:
+    """Slices of the output channels (per group) whose ``batch`` per-sample kernels fit MIX_CHUNK_BYTES."""
+    n, groups, c_out, k = bank.shape
+    step = max(1, MIX_CHUNK_BYTES // max(1, batch * groups * k * itemsize))
+    return (slice(start, min(start + step, c_out)) for start in range(0, c_out, step))
+
+
+class _MixedMatmul(torch.autograd.Function):
+    """``mix_kernels(coeffs, bank) @ cols`` without the ``(B, g, C_out / g, K)`` kernels, nor their gradient,
+    ever formed whole: each slice of output channels is mixed, used and dropped (the bank is read once).
+
+    Same products as mixing then :class:`_PerSampleMatmul`, summed in another order: ``d_cols`` adds the
+    slices' contributions, ``d_coeffs`` the slices' inner products. ``coeffs`` ``(B, n)``, ``bank``
+    ``(n, g, C_out / g, K)``, ``cols`` ``(B, g, K, P)``; returns ``(B, g, C_out / g, P)``.
+    """
+
+    @staticmethod
+    def forward(ctx, coeffs: torch.Tensor, bank: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(coeffs, bank, cols)
+        batch, (n, groups, c_out, k) = coeffs.shape[0], bank.shape
+        parts = []
+        for part in _channel_slices(batch, bank, cols.element_size()):
+            kernels = (coeffs @ bank[:, :, part].reshape(n, -1)).reshape(batch, groups, -1, k)
+            parts.append(torch.matmul(kernels, cols))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        coeffs, bank, cols = ctx.saved_tensors
+        batch, (n, groups, c_out, k) = coeffs.shape[0], bank.shape
+        dtype = grad.dtype
+        d_coeffs = torch.zeros(batch, n, dtype=dtype, device=grad.device)
+        d_bank = torch.empty(bank.shape, dtype=dtype, device=grad.device)
+        d_cols_t = None  # (B, g, P, K): each product (grad^T @ kernels) reads the kernels row-major
+        cols_t = cols.to(dtype).transpose(-1, -2)
+        for part in _channel_slices(batch, bank, cols.element_size()):
+            block = bank[:, :, part].reshape(n, -1).to(dtype)
+            grad_part = grad[:, :, part]
+            if ctx.needs_input_grad[2]:
+                kernels = (coeffs.to(dtype) @ block).reshape(batch, groups, -1, k)
+                contribution = grad_part.transpose(-1, -2) @ kernels
+                d_cols_t = contribution if d_cols_t is None else d_cols_t.add_(contribution)
+                del kernels, contribution
+            if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+                d_kernels = (grad_part @ cols_t).reshape(batch, -1)  # (B, g * slice * K)
+                d_bank[:, :, part] = (coeffs.to(dtype).transpose(0, 1) @ d_kernels).reshape(n, groups, -1, k)
+                d_coeffs.addmm_(d_kernels, block.transpose(0, 1))
+                del d_kernels
+        d_cols = d_cols_t.transpose(-1, -2).to(cols.dtype) if d_cols_t is not None else None
+        return (d_coeffs.to(coeffs.dtype) if ctx.needs_input_grad[0] else None,
+                d_bank.to(bank.dtype) if ctx.needs_input_grad[1] else None, d_cols)
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -299,6 +375,7 @@ def cell_conv2d(
     padding: Sequence[int] = (0, 0),
     dilation: Sequence[int] = (1, 1),
     rebuild: Optional[Callable[[], torch.Tensor]] = None,
+    mixing: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Per-sample convolution with kernels given as KernelWarehouse cells, on the matmul path.
 
@@ -308,9 +385,15 @@ def cell_conv2d(
     assembles the ``(B, C_out, C_in, kh, kw)`` kernels, whose permute from the tap-major cells was a
     copy of ``B`` times the layer's weights forward and backward. No groups; numeric padding.
     ``rebuild`` recomputes ``cells`` in the backward instead of keeping them (see
-    :func:`per_sample_conv2d`).
+    :func:`per_sample_conv2d`). ``mixing``: ``(rows, bank)`` instead of ``cells``, which are then
+    ``rows @ bank`` (``rows`` ``(m * B, n)`` mixture-major, ``bank`` ``(n, cell_out, cell_in, ...)``); with
+    autograd they are formed a few mixtures at a time, forward and backward (:class:`_MixedCellMatmul`),
+    never all ``B`` x the layer's weights at once.
     """
     batch = x.shape[0]
+    if mixing is not None and (not torch.is_grad_enabled() or tracing()):
+        rows, bank = mixing
+        cells, mixing = mix_kernels(rows, bank).reshape(-1, batch, bank.shape[1], bank.shape[2]), None
     recipes = KernelRecipes()  # the unfolded input (kh * kw times the input) is rebuilt too
     if rebuild is not None:
         recipes.add(cells, rebuild)
@@ -318,7 +401,10 @@ def cell_conv2d(
         cols, out_h, out_w = unfold_taps(x, kernel_size, stride, padding, dilation, taps_first=True)
         if cols.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
             recipes.add(cols, lambda: unfold_taps(x, kernel_size, stride, padding, dilation, taps_first=True)[0])
-        out = _CellMatmul.apply(cells, cols, blocks)  # (O, B, C_out / O, pixels)
+        if mixing is not None:
+            out = _MixedCellMatmul.apply(mixing[0], mixing[1], cols, blocks)
+        else:
+            out = _CellMatmul.apply(cells, cols, blocks)  # (O, B, C_out / O, pixels)
     return out.transpose(0, 1).reshape(batch, -1, out_h, out_w)
 
 
@@ -357,6 +443,82 @@ class _CellMatmul(torch.autograd.Function):
             for j, s, o, i in _cell_indices(taps, n_out, n_in):
                 torch.bmm(grad[o], cols[:, s, i * cell_in:(i + 1) * cell_in].transpose(1, 2), out=d_cells[j])
         return d_cells, d_cols, None
+
+
+class _MixedCellMatmul(torch.autograd.Function):
+    """:class:`_CellMatmul` of the cells ``rows @ bank``, mixed a chunk of mixtures at a time (at most
+    :data:`MIX_CHUNK_BYTES`, at least one mixture) forward and backward: the cells, and their gradient,
+    are never all alive. ``rows`` ``(m * B, n)``, mixture-major; ``bank`` ``(n, cell_out, cell_in)``."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, bank: torch.Tensor, cols: torch.Tensor,
+                blocks: Tuple[int, int]) -> torch.Tensor:
+        ctx.save_for_backward(rows, bank, cols)
+        ctx.blocks = blocks
+        (n_out, n_in), (cell_out, cell_in), batch = blocks, bank.shape[1:3], cols.shape[0]
+        out = cols.new_zeros(n_out, batch, cell_out, cols.shape[-1])
+        for cells, chunk in _mixed_cells(rows, bank, batch, cols.shape[1], blocks):
+            for j, s, o, i in chunk:
+                out[o].baddbmm_(cells[j], cols[:, s, i * cell_in:(i + 1) * cell_in])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        rows, bank, cols = ctx.saved_tensors
+        (n_out, n_in), (cell_out, cell_in), batch = ctx.blocks, bank.shape[1:3], cols.shape[0]
+        taps, pixels, n = cols.shape[1], grad.shape[-1], bank.shape[0]
+        grad = grad.contiguous()
+        flat_bank = bank.reshape(n, -1)
+        d_rows = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
+        d_bank = torch.zeros_like(flat_bank) if ctx.needs_input_grad[1] else None
+        # (taps, B, pixels, C_in), returned as a (B, taps, C_in, pixels) view (see _CellMatmul)
+        d_cols = grad.new_zeros(taps, batch, pixels, cell_in * n_in) if ctx.needs_input_grad[2] else None
+        for cells, chunk in _mixed_cells(rows, bank, batch, taps, ctx.blocks):
+            first = chunk[0][0]
+            if d_cols is not None:
+                for j, s, o, i in chunk:
+                    d_cols[s, :, :, i * cell_in:(i + 1) * cell_in].baddbmm_(grad[o].transpose(1, 2), cells[j])
+            del cells
+            if d_rows is not None or d_bank is not None:
+                d_cells = grad.new_empty(len(chunk), batch, cell_out, cell_in)
+                for j, s, o, i in chunk:
+                    torch.bmm(grad[o], cols[:, s, i * cell_in:(i + 1) * cell_in].transpose(1, 2),
+                              out=d_cells[j - first])
+                d_cells = d_cells.reshape(len(chunk) * batch, -1)
+                part = slice(first * batch, (first + len(chunk)) * batch)
+                if d_rows is not None:
+                    torch.mm(d_cells, flat_bank.transpose(0, 1), out=d_rows[part])
+                if d_bank is not None:
+                    d_bank.addmm_(rows[part].transpose(0, 1), d_cells)
+                del d_cells
+        return (d_rows, d_bank.reshape(bank.shape) if d_bank is not None else None,
+                d_cols.permute(1, 0, 3, 2) if d_cols is not None else None, None)
+
+
+def _mixed_cells(rows: torch.Tensor, bank: torch.Tensor, batch: int, taps: int, blocks: Tuple[int, int]):
+    """``(cells, chunk)`` per chunk of consecutive mixtures: ``chunk`` the :func:`_cell_indices` entries it
+    holds, ``cells[j]`` their cells by absolute mixture index ``j``."""
+    (n_out, n_in), n = blocks, bank.shape[0]
+    per_mixture = batch * bank.shape[1] * bank.shape[2] * bank.element_size()
+    step = max(1, MIX_CHUNK_BYTES // max(1, per_mixture))
+    indices = list(_cell_indices(taps, n_out, n_in))
+    flat_bank = bank.reshape(n, -1)
+    for first in range(0, len(indices), step):
+        chunk = indices[first:first + step]
+        cells = (rows[first * batch:(first + len(chunk)) * batch] @ flat_bank).reshape(len(chunk), batch,
+                                                                                      bank.shape[1], bank.shape[2])
+        yield _Offset(cells, first), chunk
+
+
+class _Offset:
+    """``cells[j]`` for the absolute mixture index ``j`` of a chunk starting at ``first``."""
+    __slots__ = ("cells", "first")
+
+    def __init__(self, cells: torch.Tensor, first: int) -> None:
+        self.cells, self.first = cells, first
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        return self.cells[j - self.first]
 
 
 def _cell_indices(taps: int, n_out: int, n_in: int) -> Iterator[Tuple[int, int, int, int]]:

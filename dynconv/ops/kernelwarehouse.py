@@ -539,8 +539,9 @@ class KWConv2d(DynamicConv2dBase):
             return _traced_conv(x, self.kernel(attention), self.bias, self.stride, self.padding, self.dilation,
                                 self.groups)
         if self._contracts_cells(x):
-            out = cell_conv2d(x, self.mixture_cells(attention), (self.blocks_out, self.blocks_in), self.kernel_size,
-                              self.stride, self.padding, self.dilation, rebuild=lambda: self.mixture_cells(attention))
+            # the cells as (rows, bank): in training, mixed a few at a time, never all B x the weights at once
+            out = cell_conv2d(x, None, (self.blocks_out, self.blocks_in), self.kernel_size, self.stride,
+                              self.padding, self.dilation, mixing=self.mixture_rows(attention))
             return out + self.bias.reshape(1, -1, 1, 1) if self.bias is not None else out
         weight = self.kernel(attention)
         return per_sample_conv2d(x, weight, self.bias, **self._conv_kwargs(), rebuild=lambda: self.kernel(attention))
@@ -548,10 +549,17 @@ class KWConv2d(DynamicConv2dBase):
     def mixture_cells(self, attention: torch.Tensor) -> torch.Tensor:
         """The per-sample cells ``(m, B, cell_out, cell_in)``, mixture-major, for
         :func:`~dynconv.ops.functional.cell_conv2d` (the layout :meth:`kernel` assembles)."""
+        rows, bank = self.mixture_rows(attention)
+        batch = attention.shape[0] // self.num_mixtures
+        return mix_kernels(rows, bank).reshape(self.num_mixtures, batch, bank.shape[1], bank.shape[2])
+
+    def mixture_rows(self, attention: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, bank)``: the cells of :meth:`mixture_cells` are ``rows @ bank``, ``rows`` ``(m * B, n)``
+        mixture-major, ``bank`` the warehouse ``(n, cell_out, cell_in)``."""
         bank = self.warehouse_manager_ref.take_cell(self.warehouse_id)
         batch = attention.shape[0] // self.num_mixtures
         rows = attention.reshape(batch, self.num_mixtures, -1).transpose(0, 1).reshape(-1, attention.shape[1])
-        return mix_kernels(rows, bank).reshape(self.num_mixtures, batch, bank.shape[1], bank.shape[2])
+        return rows, bank
 
     def _contracts_cells(self, x: torch.Tensor) -> bool:
         """Whether this call convolves with the cells directly (:func:`cell_conv2d`): on the matmul path

@@ -19,7 +19,7 @@ from ..schedules import attention_temperature
 from ._base import DynamicConv2dBase, IntOrPair, Padding
 from ._norm import SafeBatchNorm2d
 from ._routing import TemperatureScheduled, global_pool
-from .functional import mix_kernels, per_sample_conv2d
+from .functional import per_sample_conv2d
 
 
 def _kaiming_fan_out(module: nn.Module) -> None:
@@ -124,11 +124,12 @@ class ODConv2d(DynamicConv2dBase):
             y = F.conv2d(x * a_c, self.weight[0], None, **self._conv_kwargs())
         else:
             # one kernel (1x): the weight stays shared and only the spatial attention varies per sample
-            weight = mix_kernels(a_w, self.weight) if a_w is not None else self.weight[0]
+            # several kernels: mixed per sample inside per_sample_conv2d, which never forms them all at once
+            # in training on its matmul path
+            weight, mixing = (None, (a_w, self.weight)) if a_w is not None else (self.weight[0], None)
             taps = a_s.reshape(x.shape[0], -1) if a_s is not None else None
-            rebuild = (lambda: mix_kernels(a_w, self.weight)) if a_w is not None else None
-            y = per_sample_conv2d(x, weight, None, **self._conv_kwargs(), tap_scale=taps, rebuild=rebuild,
-                                  in_scale=a_c.flatten(1))
+            y = per_sample_conv2d(x, weight, None, **self._conv_kwargs(), tap_scale=taps, in_scale=a_c.flatten(1),
+                                  mixing=mixing)
         if a_f is not None:
             y = y * a_f
         if self.bias is not None:
