@@ -313,7 +313,8 @@ def _unwrap(checkpoint: Any, ema: bool, where: str) -> Tuple[Dict[str, torch.Ten
 def import_official(
     model: nn.Module, checkpoint: Checkpoint, *, ema: bool = False, final_schedule: bool = True
 ) -> ImportReport:
-    """Load a checkpoint written by the official ODConv, KernelWarehouse, DCD, DGC, IC-Conv or FDConv code into ``model``.
+    """Load a checkpoint written by the official ODConv, KernelWarehouse, DCD, DGC, IC-Conv or FDConv code into
+    ``model``.
 
     Loading is strict: every tensor of the checkpoint must land in ``model`` and every tensor of
     ``model`` must come from the checkpoint, with equal shapes. Everything is checked before

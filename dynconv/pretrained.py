@@ -232,7 +232,8 @@ def _map_odconv(layer: ODConv2d, path, weight, bias, report) -> None:
 
 def _map_fdconv(layer: FDConv2d, path, weight, bias, report) -> None:
     layer.set_kernel(weight)
-    report.mapped[f"{path}.dft_weight"] = f"rfft2 of {path}.weight as a (C_out k, C_in k) matrix / (min(C_in, C_out) // 2)"
+    report.mapped[f"{path}.dft_weight"] = (f"rfft2 of {path}.weight as a (C_out k, C_in k) matrix "
+                                           "/ (min(C_in, C_out) // 2)")
     # The official conversion stops at dft_weight. Its heads then start at their init: normal(0, 1e-6)
     # weights (each factor 1 to about 1e-5) except the filter head, whose kaiming weights the official
     # _initialize_weights never reaches: 2 sigmoid(z) of a random z, so the converted net does not start at

@@ -1,6 +1,6 @@
 """FDConv (Chen et al., CVPR 2025; official code Linwei-Chen/FDConv ``FDConv_detection/mmdet_custom/FDConv.py``).
 
-The reference below is written from the paper's equations (Sec. 3.1-3.3) with the official code's constants, in
+The reference below is written from the paper's method section (FDW, KSM, FBM) with the official code's constants, in
 float64, without ``torch.fft``: explicit DFT sums, per-sample loops, the ECA 1-D conv as a sum over taps.
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ def reference_fdconv(layer: FDConv2d, x: torch.Tensor) -> torch.Tensor:
     c_out, k = layer.out_channels, layer.kernel_size[0]
     g = layer.KSM_Global
     pooled = x.mean((2, 3))  # (B, C_in)
-    # KSM global (Eq. 4-5 with the official heads): 1x1 conv, BatchNorm, StarReLU, heads
+    # KSM global (with the official heads): 1x1 conv, BatchNorm, StarReLU, heads
     z = pooled @ g.fc.weight.flatten(1).T
     if layer.training:
         mean, var = z.mean(0), z.var(0, unbiased=False)
@@ -85,7 +85,7 @@ def reference_fdconv(layer: FDConv2d, x: torch.Tensor) -> torch.Tensor:
     filt = 2 * torch.sigmoid(head(g.filter_fc))
     spatial = 2 * torch.sigmoid(head(g.spatial_fc)).reshape(B, k, k) if k > 1 else torch.ones(B, k, k)
     kernel_att = 2 / layer.kernel_num * torch.sigmoid(head(g.kernel_fc))
-    # KSM local (Eq. 6): LayerNorm over the pooled channels, ECA 1-D conv with C_out k^2 filters
+    # KSM local: LayerNorm over the pooled channels, ECA 1-D conv with C_out k^2 filters
     loc = layer.KSM_Local
     normed = (pooled - pooled.mean(1, keepdim=True)) / torch.sqrt(pooled.var(1, unbiased=False, keepdim=True)
                                                                   + loc.norm.eps) * loc.norm.weight + loc.norm.bias
@@ -94,7 +94,7 @@ def reference_fdconv(layer: FDConv2d, x: torch.Tensor) -> torch.Tensor:
     padded = F.pad(normed, ((size - 1) // 2, (size - 1) // 2))
     logits = sum(taps[None, :, t, None] * padded[:, None, t:t + c_in] for t in range(size))  # (B, C_out k^2, C_in)
     local = 2 * torch.sigmoid(logits.reshape(B, c_out, k, k, c_in).permute(0, 1, 4, 2, 3))
-    # FDW (Eq. 2-3): group g's bins of the spectrum, weighted by the kernel attention, inverse real DFT
+    # FDW: group g's bins of the spectrum, weighted by the kernel attention, inverse real DFT
     spectrum = torch.view_as_complex(layer.dft_weight[0].contiguous()) * layer.alpha
     rows, cols = c_out * k, c_in * k
     outputs = []
@@ -104,7 +104,7 @@ def reference_fdconv(layer: FDConv2d, x: torch.Tensor) -> torch.Tensor:
         kernel = matrix.reshape(c_out, k, c_in, k).permute(0, 2, 1, 3)
         kernel = kernel * local[b] * spatial[b] * channel[b][None, :, None, None] * filt[b][:, None, None, None]
         xb = x[b]
-        if layer.FBM is not None:  # FBM (Eq. 7-8): bands between successive low-passes, each scaled by a map
+        if layer.FBM is not None:  # FBM: bands between successive low-passes, each scaled by a map
             spec = _forward_real_dft(xb)
             out, previous = torch.zeros_like(xb), xb
             for kk, conv in zip((2, 4, 8), layer.FBM.freq_weight_conv_list):
@@ -153,8 +153,8 @@ def test_matches_the_equations_in_float64_outputs_and_gradients(c_in, c_out, k, 
 
 
 def test_spectral_groups_are_runs_of_the_distance_order():
-    """Disjoint groups of equal size, group g's bins no farther from the zero frequency than group g+1's (paper
-    Sec. 3.1: 'frequency-disjoint'; the official split into ``kernel_num`` equal runs of the sorted bins)."""
+    """Disjoint groups of equal size, group g's bins no farther from the zero frequency than group g+1's (the paper's
+    'frequency-disjoint' groups; the official split into ``kernel_num`` equal runs of the sorted bins)."""
     rows, cols, n = 192, 96, 64
     groups = spectral_groups(rows, cols, n)
     dist = torch.sqrt(_freq(rows)[:, None] ** 2 + (torch.arange(cols // 2 + 1) / cols)[None, :] ** 2)
@@ -168,7 +168,8 @@ def test_spectral_groups_are_runs_of_the_distance_order():
 
 
 def test_eca_kernel_size_is_the_official_formula():
-    """``round(log2(C) / 2 + 0.5) // 2 * 2 + 1`` with Python's round-half-to-even: C=64 -> log2 6 -> round(3.5)=4 -> 5."""
+    """``round(log2(C) / 2 + 0.5) // 2 * 2 + 1`` with Python's round-half-to-even: C=64 -> log2 6 ->
+    round(3.5)=4 -> 5."""
     assert [eca_kernel_size(c) for c in (64, 128, 256, 512, 2048)] == [5, 5, 5, 5, 7]
 
 

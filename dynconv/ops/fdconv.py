@@ -5,21 +5,23 @@ arXiv:2503.18783. Checked against the official code, Linwei-Chen/FDConv
 (``FDConv_detection/mmdet_custom/FDConv.py``, class ``FDConv`` and its modules), with the defaults of the
 official detection configs (``FDConv_detection/configs/{faster,mask}_rcnn/*_FDConv.py``).
 
-A layer has three parts (paper Sec. 3):
+A layer has the paper's three parts (its Fig. 2 and method section; equations named here by what they do):
 
-- Fourier Disjoint Weight (FDW, Sec. 3.1): the kernel ``W`` (``C_out x C_in x k x k``), laid out as the
+- Fourier Disjoint Weight (FDW): the kernel ``W`` (``C_out x C_in x k x k``), laid out as the
   ``C_out k x C_in k`` matrix ``M[o k + i, c k + j] = W[o, c, i, j]``, is held as its real 2-D spectrum
   ``F = rfft2(M)`` (``dft_weight``). The spectral bins, sorted by their distance to the zero frequency, are
   cut into ``n`` disjoint groups; sample ``b`` gets the kernel ``irfft2(alpha * a_b[g(u)] * F[u])``, i.e. a
-  mixture of ``n`` frequency-disjoint kernels with weights ``a_b`` (the paper's Eq. 2-3, all in one
-  inverse transform).
-- Kernel Spatial Modulation (KSM, Sec. 3.2): the kernel is multiplied element-wise by a global part
+  mixture of ``n`` frequency-disjoint kernels with weights ``a_b`` (all in one inverse transform).
+- Kernel Spatial Modulation (KSM): the kernel is multiplied element-wise by a global part
   (ODConv-like channel, filter and spatial attentions from the pooled input, plus the kernel attention
   ``a_b`` above) and a local part (a 1-D convolution over the pooled channels giving one logit per kernel
   element, ``C_out k^2`` per input channel).
-- Frequency Band Modulation (FBM, Sec. 3.3): before the convolution, the input is split into frequency
+- Frequency Band Modulation (FBM): before the convolution, the input is split into frequency
   bands by square low-pass masks of the real 2-D FFT, and each band but the lowest is scaled by a spatial
-  map from a 3x3 conv of the input (Eq. 8).
+  map from a 3x3 conv of the input. The paper describes FBM as splitting the weight into bands and modulating
+  each band's response per position; the official code (followed here) modulates the input's bands before
+  the one convolution, which equals it for the band split (conv and band-pass commute) but applies the maps
+  before the kernel rather than after it.
 
 Where the official code differs from a plain reading of the paper it is followed (see the comments):
 the spectrum normalisation (``dft_weight = rfft2(M) / (min(C_in, C_out) // 2)`` and
@@ -70,7 +72,8 @@ def _fft_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def kernel_to_matrix(weight: torch.Tensor) -> torch.Tensor:
-    """``(C_out, C_in, kh, kw)`` -> ``(C_out kh, C_in kw)``: the matrix FDW transforms (official ``permute(0, 2, 1, 3)``)."""
+    """``(C_out, C_in, kh, kw)`` -> ``(C_out kh, C_in kw)``: the matrix FDW transforms (official
+    ``permute(0, 2, 1, 3)``)."""
     c_out, c_in, kh, kw = weight.shape
     return weight.permute(0, 2, 1, 3).reshape(c_out * kh, c_in * kw)
 
@@ -178,7 +181,8 @@ class KSMLocal(nn.Module):
 
 def band_masks(k_list: Sequence[int], size: Tuple[int, int] = (64, 64)) -> torch.Tensor:
     """FBM's low-pass masks on a ``size`` real spectrum: bin ``(u, v)`` passes band ``k`` when
-    ``max(|f_u|, |f_v|) < 0.5 / k`` (official ``FrequencyBandModulation._precompute_masks``), ``(len(k_list), 1, h, w // 2 + 1)``.
+    ``max(|f_u|, |f_v|) < 0.5 / k`` (official ``FrequencyBandModulation._precompute_masks``),
+    ``(len(k_list), 1, h, w // 2 + 1)``.
 
     The official test is ``freq < 0.5 / k + 1e-8`` on float32 frequencies: the bins at exactly ``0.5 / k`` are
     out for k = 2 (the sum rounds back to 1/4) and in for k = 4, 8. Kept: computed in float32 whatever the
@@ -191,7 +195,7 @@ def band_masks(k_list: Sequence[int], size: Tuple[int, int] = (64, 64)) -> torch
 
 
 class FBM(nn.Module):
-    """Frequency Band Modulation (paper Sec. 3.3, Eq. 8): ``y = sum_i A_i(x) * (L_{i-1}(x) - L_i(x)) + L_last(x)``.
+    """Frequency Band Modulation: ``y = sum_i A_i(x) * (L_{i-1}(x) - L_i(x)) + L_last(x)``.
 
     ``L_i`` is the low-pass of ``x`` through band mask ``i`` (``rfft2`` / ``irfft2``, orthonormal) with
     ``L_0 = x``, and ``A_i = 2 sigmoid(conv3x3_i(x))`` a one-channel spatial map shared by all channels (official
@@ -272,7 +276,8 @@ class FDConv2d(DynamicConv2dBase):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
         kh, kw = self.kernel_size
         if groups != 1 or kh != kw:
-            raise ValueError(f"FDConv2d needs groups=1 and a square kernel, got groups={groups}, kernel {self.kernel_size}")
+            raise ValueError(f"FDConv2d needs groups=1 and a square kernel, got groups={groups}, "
+                             f"kernel {self.kernel_size}")
         self.kernel_num = kernel_num
         self.att_multi = att_multi
         # Official normalisation: the spectrum is stored divided by min(C_in, C_out) // 2 and scaled back
@@ -326,7 +331,7 @@ class FDConv2d(DynamicConv2dBase):
         return matrix_to_kernel(matrix.to(self.dft_weight.dtype), self.out_channels, self.in_channels, kh, kw)
 
     def fdw_kernels(self, a_k: Optional[torch.Tensor]) -> torch.Tensor:
-        """FDW (paper Eq. 2-3): per-sample kernels ``irfft2(alpha * a_k[g(u)] * F[u])``, ``(B, C_out, C_in, k, k)``
+        """FDW: per-sample kernels ``irfft2(alpha * a_k[g(u)] * F[u])``, ``(B, C_out, C_in, k, k)``
         (``(C_out, C_in, k, k)`` without a kernel head)."""
         if a_k is None:  # n = 1: one group, attention 1
             return self.static_kernel()
