@@ -12,7 +12,7 @@ import dynconv.ops.functional as functional
 
 DYNAMIC = [c for c in dynconv.list_convs() if c not in ("static", "se", "cbam", "eca")]
 # one variant per family for the compile test (the variants of a family share their forward)
-FAMILIES = ["condconv_8x", "dyconv_4x", "dcd", "odconv_4x", "odconv_1x", "kw_1x", "dgc", "icconv", "fdconv"]
+FAMILIES = ["condconv_8x", "dyconv_4x", "dcd", "odconv_4x", "odconv_1x", "kw_1x", "dgc", "icconv"]
 
 
 class SmallCNN(nn.Module):
@@ -59,7 +59,10 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("conv", FAMILIES)
+# FDConv at 16 px only: at 224 px (test_compile_fullgraph_at_real_sizes) one forward + backward of its ResNet18 at
+# batch 4 takes ~30 s on this 2-core CPU (per-sample FFTs, KSM products and FBM of every layer); the test took 2
+# minutes alone and hit the 10-minute timeout on the shared machine
+@pytest.mark.parametrize("conv", FAMILIES + ["fdconv"])
 def test_compile_fullgraph_matches_eager(conv):
     """Dynamo traces forward and backward without a graph break (``fullgraph=True`` raises on one);
     the ``aot_eager`` backend runs the traced graphs, so the check does not wait for C++ builds."""
