@@ -35,6 +35,17 @@ def interleaved_medians(
     device: torch.device = torch.device("cpu"),
 ) -> Dict[str, float]:
     """Median seconds per call of each case, timing the cases round-robin after ``warmup`` rounds."""
+    times = interleaved_times(cases, repeats, warmup, device)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def interleaved_times(
+    cases: Mapping[str, Callable[[], object]],
+    repeats: int = 20,
+    warmup: int = 3,
+    device: torch.device = torch.device("cpu"),
+) -> Dict[str, List[float]]:
+    """Seconds of each of ``repeats`` calls of each case, the cases timed round-robin after ``warmup`` rounds."""
     times: Dict[str, List[float]] = {name: [] for name in cases}
     for round_index in range(warmup + repeats):
         for name, fn in cases.items():
@@ -44,7 +55,7 @@ def interleaved_medians(
             _sync(device)
             if round_index >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
 def machine_summary() -> Dict[str, object]:
@@ -266,29 +277,52 @@ def _onnx_session(model: nn.Module, x: torch.Tensor, path: str):
     torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes=({0: batch},), verbose=False).save(path)
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    # no spin-waiting: on a shared machine a spinning pool loses its time slices to the other processes
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     feed = {name: x.numpy()}
     return lambda: session.run(None, feed)
 
 
+@torch.no_grad()
+def _calibrate_norms(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Give every BatchNorm of ``model`` the statistics of ``x`` (one train-mode forward, cumulative average),
+    as a trained model has: a fresh DCD / DGC model normalises with batch statistics in eval mode
+    (``dynconv.models.use_batch_statistics_until_trained``), which costs time a trained model does not spend
+    and keeps ``deploy`` from folding them."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = None
+    model.train()
+    model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return model.eval()
+
+
 def latency_vs_bound(arch: str, convs: Sequence[str], settings: BenchSettings = BenchSettings(),
                      runtimes: Sequence[str] = ("eager", "compile", "onnx"), repeats: int = 30,
-                     rates=None) -> List[Dict[str, object]]:
+                     copy_mb: int = 512) -> List[Dict[str, object]]:
     """Batch-1 latency of each of ``convs`` on ``arch`` against the bound its method imposes
     (:mod:`dynconv.latency_bound`), measured on this machine in this run.
 
-    Every model is timed as :func:`dynconv.deploy` gives it (BatchNorms folded: what a user ships) and, in
+    Every model's BatchNorms hold statistics (:func:`_calibrate_norms`), as a trained model's do. Every model is
+    timed as :func:`dynconv.deploy` gives it (BatchNorms folded: what a user ships) and, in
     eager mode, also as built. ``static`` is added when missing; its deployed eager time is the bound's static
     time. Runtimes: ``"eager"`` (always, round-robin with static), ``"compile"`` (``torch.compile`` of the
     deployed model) and ``"onnx"`` (onnxruntime on the exported deployed model); a runtime that fails for a
-    model records its error instead of a time.
+    model records its error instead of a time. Times are the fastest of ``repeats`` round-robin calls: on a
+    shared machine the minimum is the time least inflated by other processes (the medians of eager calls are
+    kept too). The machine's rates (:func:`dynconv.latency_bound.rate_probes`,
+    a ``copy_mb`` MB copy among them) are timed round-robin with the eager cases, under the same load.
     """
     import tempfile
 
     from . import count_macs, create_model
     from .deploy import deploy
-    from .latency_bound import latency_bound, measure_rates, method_costs
+    from .latency_bound import latency_bound, method_costs, rate_probes, rates_from_seconds
 
     device = _prepare(settings)
     if device.type != "cpu":
@@ -296,12 +330,12 @@ def latency_vs_bound(arch: str, convs: Sequence[str], settings: BenchSettings = 
     names = ["static", *[c for c in convs if c != "static"]]
     size = settings.image_size
     x, _ = _inputs(1, settings, device)
+    calibration, _ = _inputs(2, settings, device)
     models, deployed = {}, {}
     for conv in names:
         torch.manual_seed(0)
-        models[conv] = create_model(arch, conv, num_classes=settings.num_classes).eval()
+        models[conv] = _calibrate_norms(create_model(arch, conv, num_classes=settings.num_classes), calibration)
         deployed[conv] = deploy(models[conv], x)
-    rates = rates or measure_rates()
     costs = {c: method_costs(m, (1, 3, size, size)) for c, m in deployed.items()}
     static_macs = count_macs(deployed["static"], (1, 3, size, size))
 
@@ -313,7 +347,13 @@ def latency_vs_bound(arch: str, convs: Sequence[str], settings: BenchSettings = 
 
     cases = {c: forward(m) for c, m in deployed.items()}
     cases.update({f"{c}/model": forward(m) for c, m in models.items() if c != "static"})
-    eager = interleaved_medians(cases, repeats, settings.warmup, device)
+    probes = rate_probes(copy_mb)
+    cases.update({f"rate/{name}": fn for name, (fn, _) in probes.items()})
+    eager_times = interleaved_times(cases, repeats, settings.warmup, device)
+    eager = {name: min(values) for name, values in eager_times.items()}
+    eager_median = {name: statistics.median(values) for name, values in eager_times.items()}
+    rates = rates_from_seconds(probes, {name: eager[f"rate/{name}"] for name in probes})
+    del probes, cases
     timed: Dict[str, Dict[str, float]] = {}
     errors: Dict[str, Dict[str, str]] = {}
     if "compile" in runtimes or "onnx" in runtimes:
@@ -331,7 +371,8 @@ def latency_vs_bound(arch: str, convs: Sequence[str], settings: BenchSettings = 
                         fns[conv] = fn
                     except Exception as error:  # noqa: BLE001 (recorded in the table instead)
                         errors.setdefault(conv, {})[runtime] = f"{type(error).__name__}: {str(error)[:200]}"
-                timed[runtime] = interleaved_medians(fns, repeats, settings.warmup, device) if fns else {}
+                timed[runtime] = {name: min(values) for name, values in
+                                  interleaved_times(fns, repeats, settings.warmup, device).items()}
     rows = []
     static = eager["static"]
     for conv in names:
@@ -342,10 +383,13 @@ def latency_vs_bound(arch: str, convs: Sequence[str], settings: BenchSettings = 
             "eager_s": round(eager[conv], 6), "eager_bound_ratio": round(eager[conv] / bound, 3),
             "eager_static_ratio": round(eager[conv] / static, 3),
             "eager_model_s": round(eager.get(f"{conv}/model", eager[conv]), 6),
+            "eager_median_s": round(eager_median[conv], 6),
+            "static_median_s": round(eager_median["static"], 6),
             "bytes_mb": round(sum(layer.bytes for layer in cost.layers) / 2**20, 2),
             "mixing_macs_m": round(cost.total("mixing_macs") / 1e6, 2),
             "conv_macs_m": round(cost.total("conv_macs") / 1e6, 2),
             "attention_macs_m": round(cost.total("attention_macs") / 1e6, 3),
+            "rates": {k: round(v / 1e9, 2) for k, v in rates.__dict__.items()},  # GB/s, GMAC/s
         }
         for runtime, key in (("compile", "compiled_s"), ("onnx", "onnxruntime_s")):
             if runtime in timed and conv in timed[runtime]:

@@ -18,7 +18,8 @@ At batch 1 a dynamic layer does what its static conv does, plus what its method 
   such batch-1 products.
 
 The bound is the static network's measured time plus these. The machine's rates are inputs
-(:class:`MachineRates`, measured by :func:`measure_rates`), never constants here; the byte and MAC counts
+(:class:`MachineRates`, measured by :func:`measure_rates`, or by timing :func:`rate_probes` among the
+models, as ``dynconv.benchmark.latency_vs_bound`` does), never constants here; the byte and MAC counts
 come from the model's own modules and one batch-1 forward (:func:`method_costs`). The static conv's time
 already includes reading its kernel once, so counting the mixed kernel's read again (as above) makes the
 bound an upper estimate by one kernel read per layer: what a fused kernel could still save.
@@ -28,7 +29,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,8 @@ from .ops.icconv import InceptionConv2d
 from .ops.kernelwarehouse import KWConv2d
 from .ops.odconv import ODConv2d
 
-__all__ = ["LayerCost", "MachineRates", "MethodCost", "latency_bound", "measure_rates", "method_costs"]
+__all__ = ["LayerCost", "MachineRates", "MethodCost", "latency_bound", "measure_rates", "method_costs", "rate_probes",
+           "rates_from_seconds"]
 
 
 @dataclass(frozen=True)
@@ -232,36 +234,47 @@ def method_costs(model: nn.Module, input_size: Sequence[int] = (1, 3, 224, 224))
     return cost
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def rate_probes(copy_mb: int = 512) -> Dict[str, Tuple[Callable[[], object], float]]:
+    """The calls :func:`rates_from_seconds` turns into :class:`MachineRates`, each with the work it does
+    (CPU, float32), to be timed together with the models so that they see the same machine load:
 
-
-@torch.no_grad()
-def measure_rates(copy_mb: int = 512, repeats: int = 10) -> MachineRates:
-    """Measure :class:`MachineRates` in this process (CPU, float32).
-
-    - bandwidth: ``dst.copy_(src)`` of ``copy_mb`` MB, counted as ``2 * copy_mb`` (read plus write);
-    - matmul rate: a 1024 x 1024 x 1024 matmul;
-    - small rate: the squeeze and excite products of an attention branch at batch 1,
+    - ``bandwidth``: ``dst.copy_(src)`` of ``copy_mb`` MB, counted as ``2 * copy_mb`` (read plus write);
+    - ``matmul``: a 1024 x 1024 x 1024 matmul;
+    - ``small``: 100 times the squeeze and excite products of an attention branch at batch 1,
       ``(1, 512) @ (512, 32)`` then ``(1, 32) @ (32, 512)``, dispatch included (that is what they cost).
     """
     n = copy_mb * 2**20 // 4
     src, dst = torch.ones(n), torch.empty(n)
-    bandwidth = 2 * n * 4 / _median_seconds(lambda: dst.copy_(src), repeats)
-    del src, dst
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    matmul = 1024**3 / _median_seconds(lambda: a @ b, repeats)
     v, w1, w2 = torch.randn(1, 512), torch.randn(32, 512), torch.randn(512, 32)
 
-    def attention() -> None:
+    def small() -> None:
         for _ in range(100):
             F.linear(F.linear(v, w1), w2)
 
-    small = 100 * 2 * 512 * 32 / _median_seconds(attention, repeats)
-    return MachineRates(bandwidth, matmul, small)
+    return {"bandwidth": (lambda: dst.copy_(src), 2.0 * n * 4), "matmul": (lambda: a @ b, 1024.0**3),
+            "small": (small, 100.0 * 2 * 512 * 32)}
+
+
+def rates_from_seconds(probes: Dict[str, Tuple[Callable[[], object], float]],
+                       seconds: Dict[str, float]) -> MachineRates:
+    """:class:`MachineRates` from the measured seconds per call of each of :func:`rate_probes`."""
+    rate = {name: work / seconds[name] for name, (_, work) in probes.items()}
+    return MachineRates(rate["bandwidth"], rate["matmul"], rate["small"])
+
+
+@torch.no_grad()
+def measure_rates(copy_mb: int = 512, repeats: int = 10) -> MachineRates:
+    """:class:`MachineRates` of this machine now: the median of ``repeats`` calls of each of
+    :func:`rate_probes`."""
+    probes = rate_probes(copy_mb)
+    seconds = {}
+    for name, (fn, _) in probes.items():
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        seconds[name] = statistics.median(times)
+    return rates_from_seconds(probes, seconds)

@@ -135,15 +135,20 @@ class DCDConv2d(DynamicConv2dBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         phi, scale = self.attention(x)
-        out = self.conv(x) * scale[:, :, None, None]
         z = self.bn1(self.q(self._centre_tap(x)))
         b, latent, h, w = z.shape
         z = z.flatten(2)
         z = self.bn2(phi @ z) + z
-        out = out + self.p(z.view(b, latent, h, w))
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
-        return out
+        # Lambda * conv_W0(x) + (P z + bias) as one fused multiply-add over the output, the static bias added
+        # by P's convolution: one pass over the output instead of four (scale, add, bias)
+        return torch.addcmul(self._project(z.view(b, latent, h, w)), self.conv(x), scale[:, :, None, None])
+
+    def _project(self, z: torch.Tensor) -> torch.Tensor:
+        """``P z`` plus the layer's static bias, in one convolution."""
+        if self.bias is None:
+            return self.p(z)
+        bias = self.bias if self.p.bias is None else self.p.bias + self.bias
+        return F.conv2d(z, self.p.weight, bias)  # P: a 1x1 conv, stride 1, no padding (see __init__)
 
     def elementwise_macs(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, int]:
         """``Lambda * conv_W0(x)``: one multiply per output element, invisible to op counters."""

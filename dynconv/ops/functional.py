@@ -190,6 +190,8 @@ def _conv(path: str, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int
                 recipes.add(weight, lambda: base() * scale)
         if weight.dim() == 4:
             out = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        elif path == "plain" and batch == 1:  # one sample: no concatenation, which would copy the output
+            out = F.conv2d(x, weight[0], None, stride, padding, dilation, groups)
         elif path == "plain":
             out = torch.cat([F.conv2d(x[b:b + 1], weight[b], None, stride, padding, dilation, groups)
                              for b in range(batch)])

@@ -532,6 +532,8 @@ class KWConv2d(DynamicConv2dBase):
                 "KWConv2d has no cells yet: its WarehouseManager must run store() and allocate(model) "
                 "(dynconv.convert does this)"
             )
+        if not torch.is_grad_enabled() and not is_fx_tracing() and not tracing() and x.shape[0] == 1:
+            return self._forward_one(x)
         attention = self.attention(x)
         if is_fx_tracing():
             # Traced through rather than a leaf: the bank is read here as a parameter of the model root
@@ -545,6 +547,27 @@ class KWConv2d(DynamicConv2dBase):
             return out + self.bias.reshape(1, -1, 1, 1) if self.bias is not None else out
         weight = self.kernel(attention)
         return per_sample_conv2d(x, weight, self.bias, **self._conv_kwargs(), rebuild=lambda: self.kernel(attention))
+
+    def _forward_one(self, x: torch.Tensor) -> torch.Tensor:
+        """One sample without autograd (batch-1 inference): its kernel is assembled from the mixed cells in one
+        pass that also applies a per-output-channel ``out_scale`` where the layer has one (a BatchNorm folded by
+        :func:`dynconv.deploy`); the convolution is :func:`per_sample_conv2d`'s plain one."""
+        attention = self.attention(x)
+        bank = self.warehouse_manager_ref.take_cell(self.warehouse_id)
+        c_out, c_in = bank.shape[1], bank.shape[2]
+        cells = (attention @ bank.reshape(self.attention.num_cells, -1)).reshape(
+            self.blocks_spatial, self.blocks_out, self.blocks_in, c_out, c_in)
+        # mixture rows (taps, O, I) of (c_out, c_in) cells -> (O, c_out, I, c_in, taps): the kernel's layout
+        cells = cells.permute(1, 3, 2, 4, 0)
+        kernel = torch.empty(self.out_channels, self.in_channels // self.groups, *self.kernel_size,
+                             dtype=cells.dtype, device=cells.device)
+        target = kernel.view(cells.shape)
+        scale = getattr(self, "out_scale", None)
+        if scale is None:
+            target.copy_(cells)
+        else:
+            torch.mul(cells, scale.reshape(self.blocks_out, c_out, 1, 1, 1), out=target)
+        return per_sample_conv2d(x, kernel, self.bias, **self._conv_kwargs())
 
     def mixture_cells(self, attention: torch.Tensor) -> torch.Tensor:
         """The per-sample cells ``(m, B, cell_out, cell_in)``, mixture-major, for

@@ -14,10 +14,12 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_tracing
 
 from ..schedules import attention_temperature
 from ._base import DynamicConv2dBase, IntOrPair, Padding
 from ._norm import SafeBatchNorm2d
+from ._recompute import tracing
 from ._routing import TemperatureScheduled, global_pool
 from .functional import per_sample_conv2d
 
@@ -118,6 +120,8 @@ class ODConv2d(DynamicConv2dBase):
             nn.init.kaiming_normal_(self.weight[i], mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and not is_fx_tracing() and not tracing() and x.shape[0] == 1:
+            return self._forward_one(x)
         a_c, a_f, a_s, a_w = self.attention(x)
         if a_s is None and a_w is None:
             # The official "pw1x" path: 1x1 kernel and one kernel need no per-sample weights.
@@ -135,6 +139,45 @@ class ODConv2d(DynamicConv2dBase):
         if self.bias is not None:
             y = y + self.bias.reshape(1, -1, 1, 1)
         return y
+
+    def _forward_one(self, x: torch.Tensor) -> torch.Tensor:
+        """One sample without autograd (batch-1 inference): its one kernel takes every attention where that
+        costs least. The channel and spatial attentions (and the filter attention with them) scale the
+        kernel where it is smaller than the input and output maps (early layers), else the maps are scaled
+        (late layers, where the kernels outweigh the maps), where the static bias rides on the filter
+        scaling. The convolution is :func:`per_sample_conv2d`'s plain one."""
+        a_c, a_f, a_s, a_w = self.attention(x)
+        if a_w is not None:  # the mixed kernel is a fresh tensor: the scalings below may go in place
+            kernel, fresh = (a_w @ self.weight.reshape(self.kernel_num, -1)).reshape(self.weight.shape[1:]), True
+        else:
+            kernel, fresh = self.weight[0], False
+        out_pixels = 1
+        for axis in (0, 1):
+            out_pixels *= self._out_size(x.shape[2 + axis], axis)
+        maps = x.numel() + self.out_channels * out_pixels
+        if (self.groups == 1 or self.is_depthwise) and kernel.numel() <= maps:
+            # input channel c is kernel column c, or (depthwise) kernel row c
+            factor = a_c.reshape(1, -1, 1, 1) if self.groups == 1 else a_c.reshape(-1, 1, 1, 1)
+            if a_s is not None:
+                factor = factor * a_s.reshape(1, 1, *self.kernel_size)
+            kernel = kernel.mul_(factor) if fresh else kernel * factor
+            if a_f is not None:
+                kernel = kernel.mul_(a_f.reshape(-1, 1, 1, 1))
+            return per_sample_conv2d(x, kernel, self.bias, **self._conv_kwargs())
+        if a_s is not None:
+            factor = a_s.reshape(1, 1, *self.kernel_size)
+            kernel = kernel.mul_(factor) if fresh else kernel * factor
+        y = per_sample_conv2d(x, kernel, None if a_f is not None else self.bias, **self._conv_kwargs(),
+                              in_scale=a_c.flatten(1))
+        if a_f is None:
+            return y
+        return torch.addcmul(self.bias.reshape(1, -1, 1, 1), y, a_f) if self.bias is not None else y * a_f
+
+    def _out_size(self, size: int, axis: int) -> int:
+        if isinstance(self.padding, str):  # "same" (stride 1) or "valid"
+            return size if self.padding == "same" else size - self.dilation[axis] * (self.kernel_size[axis] - 1)
+        span = self.dilation[axis] * (self.kernel_size[axis] - 1) + 1
+        return (size + 2 * self.padding[axis] - span) // self.stride[axis] + 1
 
     def elementwise_macs(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, int]:
         """MACs outside the matmuls and convolutions an op counter sees.
