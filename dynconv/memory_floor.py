@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import weakref
 from collections import defaultdict
-from dataclasses import replace
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
