@@ -347,9 +347,16 @@ class FDConv2d(DynamicConv2dBase):
         a_c, a_f, a_s, a_k = self.KSM_Global(pooled)
         weight = self.fdw_kernels(a_k)
         if self.KSM_Local is not None:
-            local = torch.sigmoid(self.KSM_Local(pooled)) * self.att_multi
-            # multiplied in the FFT's (C_out, k, C_in, k) layout, then one copy into the conv's layout
-            weight = (weight.transpose(-3, -2) * local.transpose(-3, -2)).transpose(-3, -2)
+            # the local factors att_multi * sigmoid(l) and the spatial attention in one product with the kernels
+            # (the scalar and the per-tap factors ride on the small (B, k, k) tensor), in the FFT's
+            # (C_out, k, C_in, k) layout, then one copy into the conv's layout
+            kh, kw = self.kernel_size
+            factor = torch.full((1, kh, 1, kw), self.att_multi, dtype=weight.dtype, device=weight.device)
+            if a_s is not None:
+                factor = a_s.reshape(-1, kh, 1, kw) * self.att_multi
+                a_s = None
+            local = torch.sigmoid(self.KSM_Local(pooled)).transpose(-3, -2) * factor[:, None]
+            weight = (weight.transpose(-3, -2) * local).transpose(-3, -2)
         weight = weight.contiguous()
         if self.FBM is not None:
             x = self.FBM(x)
