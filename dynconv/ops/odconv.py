@@ -124,8 +124,11 @@ class ODConv2d(DynamicConv2dBase):
             return self._forward_one(x)
         a_c, a_f, a_s, a_w = self.attention(x)
         if a_s is None and a_w is None:
-            # The official "pw1x" path: 1x1 kernel and one kernel need no per-sample weights.
-            y = F.conv2d(x * a_c, self.weight[0], None, **self._conv_kwargs())
+            # The official "pw1x" path: 1x1 kernel and one kernel need no per-sample weights. One convolution
+            # of the channel-scaled input, which per_sample_conv2d rebuilds in the backward instead of keeping
+            # (a copy of the input map per layer otherwise)
+            y = per_sample_conv2d(x, self.weight[0], None, **self._conv_kwargs(), in_scale=a_c.flatten(1),
+                                  path="grouped")
         else:
             # one kernel (1x): the weight stays shared and only the spatial attention varies per sample
             # several kernels: mixed per sample inside per_sample_conv2d, which never forms them all at once
