@@ -49,9 +49,18 @@ _ICCONV_NOTE = ("bound = static: IC-Conv has the static conv's MACs and weights.
 _DGC_NOTE = ("the bound prices the 55% pruned MACs at the dense static rate; the sparse path gathers each head's "
              "kept channels into a 4-group conv / small matmul (scripts/bench_dgc.py), which runs far below that "
              "rate at batch 1.")
+# Operator counts: top-level aten ops of one deployed batch-1 forward (torch.profiler), static network in brackets.
+_OPS = "aten ops per batch-1 forward: {} against the static network's {}"
 LATENCY_NOTES: Dict[Tuple[str, str], str] = {
     ("resnet18", "icconv"): _ICCONV_NOTE, ("mobilenetv2_100", "icconv"): _ICCONV_NOTE,
     ("resnet18", "dgc"): _DGC_NOTE, ("mobilenetv2_100", "dgc"): _DGC_NOTE,
+    ("resnet18", "dcd"): ("Q and P are 1x1 convs at full resolution with L = 16-45 latent channels, priced at the "
+                          "static network's average MAC rate, which such narrow convs do not reach; "
+                          + _OPS.format(453, 49) + "."),
+    ("mobilenetv2_100", "dcd"): _OPS.format(872, 100) + "; narrow full-resolution Q / P convs as on ResNet18.",
+    ("resnet18", "kw_1x"): _OPS.format(531, 49) + " (attention, cell mixing and kernel assembly per layer).",
+    ("mobilenetv2_100", "kw_1x"): _OPS.format(1438, 100) + ".",
+    ("mobilenetv2_100", "odconv_1x"): _OPS.format(925, 100) + ": 52 dynamic layers of about 16 small ops each.",
 }
 
 
