@@ -403,7 +403,7 @@ def cell_conv2d(
         recipes.add(cells, rebuild)
     with rebuilt_in_backward(recipes, x.device):
         cols, out_h, out_w = unfold_taps(x, kernel_size, stride, padding, dilation, taps_first=True)
-        if cols.untyped_storage().data_ptr() != x.untyped_storage().data_ptr():
+        if recipes.enabled and not _same_storage(cols, x):  # (a traced tensor has no storage to compare)
             recipes.add(cols, lambda: unfold_taps(x, kernel_size, stride, padding, dilation, taps_first=True)[0])
         if mixing is not None:
             out = _MixedCellMatmul.apply(mixing[0], mixing[1], cols, blocks)
