@@ -127,13 +127,13 @@ def test_batch_one_inference_runs_plain_convs(conv, monkeypatch):
     or matmul path), and gives what the batched paths give."""
     model = small_dynamic_cnn(conv)
     chosen = []
-    original = functional.choose_path
+    original = functional.choose_path_for  # every path decision goes through it (choose_path calls it)
 
     def spy(*args, **kwargs):
         chosen.append(original(*args, **kwargs))
         return chosen[-1]
 
-    monkeypatch.setattr(functional, "choose_path", spy)
+    monkeypatch.setattr(functional, "choose_path_for", spy)
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         single = torch.cat([model(x[i:i + 1]) for i in range(3)])
