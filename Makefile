@@ -56,7 +56,7 @@ demo: venv
 
 # OMP_NUM_THREADS=1: two xdist workers on two cores, one thread each.
 test: venv $(MMDET_STAMP) $(TIMM_TESTS)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests --durations=30 $(PYTEST_ARGS)
 
 # The mmdetection environment (requirements/mmdet.txt: torch 2.1.2, mmcv 2.1.0 with compiled ops, mmdet
 # 3.3.0), from PyPI alone; builds mmcv's ops when no prebuilt wheel is reachable. It lives in a machine-level
