@@ -242,16 +242,23 @@ class DeployedKWConv2d(KWConv2d):
         return pixels >= self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if is_fx_tracing() or self._scales_kernels(x):
-            return super().forward(x)  # through kernel() / mixture_cells(): scaled kernels
+        contracts = not is_fx_tracing() and self._contracts_cells(x)
+        on_kernels = self._scales_kernels(x)
+        if is_fx_tracing() or (on_kernels and not contracts):
+            return super().forward(x)  # through kernel() (one sample: _forward_one): scaled kernels
         attention = self.attention(x)
-        if self._contracts_cells(x):
-            out = cell_conv2d(x, KWConv2d.mixture_cells(self, attention), (self.blocks_out, self.blocks_in),
-                              self.kernel_size, self.stride, self.padding, self.dilation)
+        if contracts:
+            # explicit cells: KWConv2d's own cell path takes (rows, bank), which cannot carry a per-channel scale
+            cells = self.mixture_cells(attention) if on_kernels else KWConv2d.mixture_cells(self, attention)
+            out = cell_conv2d(x, cells, (self.blocks_out, self.blocks_in), self.kernel_size, self.stride,
+                              self.padding, self.dilation)
         else:
             out = per_sample_conv2d(x, KWConv2d.kernel(self, attention), None, **self._conv_kwargs())
+        bias = self.bias.reshape(1, -1, 1, 1) if self.bias is not None else None
+        if on_kernels:
+            return out + bias if bias is not None else out
         scale = self.out_scale.reshape(1, -1, 1, 1)
-        return torch.addcmul(self.bias.reshape(1, -1, 1, 1), out, scale) if self.bias is not None else out * scale
+        return torch.addcmul(bias, out, scale) if bias is not None else out * scale
 
 
 class _DeployedKWTokenConv(DeployedKWConv2d, _KWTokenConv):

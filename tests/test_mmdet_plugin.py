@@ -235,7 +235,8 @@ def test_the_paper_config_set_is_complete():
     kw = {f"mask_rcnn_{bb}_adamw_1x_coco" for bb in (
         "resnet50", "kw1x_resnet50", "kw4x_resnet50", "mobilenetv2_100", "kw1x_mobilenetv2_100",
         "kw4x_mobilenetv2_100", "convnext_tiny", "kw1x_convnext_tiny")}
-    assert names == od | kw
+    fd = {"faster_rcnn_fdconv_r50_fpn_1x_coco", "mask_rcnn_fdconv_r50_adamw_1x_coco"}  # Linwei-Chen/FDConv configs
+    assert names == od | kw | fd
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
