@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.fx._symbolic_trace import is_fx_tracing
 
