@@ -219,9 +219,9 @@ def _matmul_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], p
     source = recipes.get(x) or (lambda: x)
     cols, out_h, out_w = unfold_taps(x, (kh, kw), stride, padding, dilation)  # (B, C_in, taps, pixels)
     unfolded = lambda: unfold_taps(source(), (kh, kw), stride, padding, dilation)[0]  # noqa: E731
-    # a 1x1 stride-1 kernel unfolds to a view of the input: nothing to add (no recipes while tracing, and
-    # a traced tensor has no storage to compare)
-    if not tracing() and not _same_storage(cols, x):
+    # a 1x1 stride-1 kernel unfolds to a view of the input: nothing to add (recipes are off without autograd
+    # and while tracing, where a traced tensor has no storage to compare)
+    if recipes.enabled and not _same_storage(cols, x):
         recipes.add(cols, unfolded)
     rebuilt_cols, unscaled = unfolded, cols  # held to the end: a recipe's tensor must outlive the saves
     if tap_scale is not None:
