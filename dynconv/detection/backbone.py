@@ -151,8 +151,8 @@ class DynamicBackbone(nn.Module):
         options = {k: v for k, v in self.options.items() if k != "pretrained"}
         try:
             if static:
-                full = create_model(self.arch, self.conv, num_classes=classes, pretrained=source, **options)
-                report = str(full.pretrained_report)
+                full = create_model(self.arch, self.conv, num_classes=classes, pretrained=obj, **options)
+                report = str(full.pretrained_report).replace("<in-memory state dict>", where)  # read once, above
             else:
                 full = create_model(self.arch, self.conv, num_classes=classes, **options)
                 report = load_weights(full, obj, expect={"arch": self.arch, "conv": self.conv}, use_ema=use_ema)
