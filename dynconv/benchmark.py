@@ -302,6 +302,11 @@ def _calibrate_norms(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return model.eval()
 
 
+def _ratio(value: float) -> float:
+    """A ratio kept to four significant digits (a fixed number of decimals would drop most of a small one)."""
+    return float(f"{value:.4g}")
+
+
 def latency_vs_bound(arch: str, convs: Sequence[str], settings: BenchSettings = BenchSettings(),
                      runtimes: Sequence[str] = ("eager", "compile", "onnx"), repeats: int = 30,
                      copy_mb: int = 512) -> List[Dict[str, object]]:
@@ -379,9 +384,9 @@ def latency_vs_bound(arch: str, convs: Sequence[str], settings: BenchSettings = 
         bound = latency_bound(costs[conv], static, static_macs, rates)
         cost = costs[conv]
         row: Dict[str, object] = {
-            "arch": arch, "conv": conv, "bound_s": round(bound, 6), "bound_ratio": round(bound / static, 3),
-            "eager_s": round(eager[conv], 6), "eager_bound_ratio": round(eager[conv] / bound, 3),
-            "eager_static_ratio": round(eager[conv] / static, 3),
+            "arch": arch, "conv": conv, "bound_s": round(bound, 6), "bound_ratio": _ratio(bound / static),
+            "eager_s": round(eager[conv], 6), "eager_bound_ratio": _ratio(eager[conv] / bound),
+            "eager_static_ratio": _ratio(eager[conv] / static),
             "eager_model_s": round(eager.get(f"{conv}/model", eager[conv]), 6),
             "eager_median_s": round(eager_median[conv], 6),
             "static_median_s": round(eager_median["static"], 6),
