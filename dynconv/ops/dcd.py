@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._base import DynamicConv2dBase, IntOrPair, Padding, refuse_scripting
+from ._recompute import tracing
+from .functional import choose_path, per_sample_conv2d
 from ._norm import SafeBatchNorm1d, SafeBatchNorm2d
 
 
@@ -139,9 +141,24 @@ class DCDConv2d(DynamicConv2dBase):
         b, latent, h, w = z.shape
         z = z.flatten(2)
         z = self.bn2(phi @ z) + z
+        residual = self._project(z.view(b, latent, h, w))
+        if self._scale_kernels(x):
+            return self._scaled_conv(x, scale) + residual
         # Lambda * conv_W0(x) + (P z + bias) as one fused multiply-add over the output, the static bias added
         # by P's convolution: one pass over the output instead of four (scale, add, bias)
-        return torch.addcmul(self._project(z.view(b, latent, h, w)), self.conv(x), scale[:, :, None, None])
+        return torch.addcmul(residual, self.conv(x), scale[:, :, None, None])
+
+    def _scale_kernels(self, x: torch.Tensor) -> bool:
+        """In training, where per-sample kernels convolve as fast as the static one (oneDNN's grouped conv on
+        large maps), Lambda scales W0's rows per sample instead of the output: conv_W0(x), which Lambda's
+        gradient would read, is then not kept (a map per layer)."""
+        return (torch.is_grad_enabled() and not tracing()
+                and choose_path(x, self.conv.weight, self.conv.stride, self.conv.padding, self.groups) == "grouped")
+
+    def _scaled_conv(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        return per_sample_conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups,
+                                 out_scale=scale, path="grouped")
 
     def _project(self, z: torch.Tensor) -> torch.Tensor:
         """``P z`` plus the layer's static bias, in one convolution."""

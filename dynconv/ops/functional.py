@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .._compat import contiguous_grad, is_exporting
 from ._recompute import KernelRecipes, rebuilt_in_backward, tracing
+from ._unfolded import Geometry, KernelOperand, sample_chunked_matmul, unfold_taps
 
 Padding = Union[str, Sequence[int]]
 
@@ -109,6 +110,7 @@ def per_sample_conv2d(
     rebuild: Optional[Callable[[], torch.Tensor]] = None,
     in_scale: Optional[torch.Tensor] = None,
     mixing: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    out_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Convolve sample ``b`` of ``x`` with ``weight[b]`` (times ``tap_scale[b]`` per kernel tap).
 
@@ -136,6 +138,10 @@ def per_sample_conv2d(
             (:class:`_MixedMatmul`), so training holds at most :data:`MIX_CHUNK_BYTES` of them instead of
             ``B`` x the layer's weights (and as much again for their gradient). Elsewhere they are mixed
             here and rebuilt in the backward (as with ``rebuild``).
+        out_scale: optional ``(B, C_out)`` factor of each output channel (ODConv's filter attention). Where
+            per-sample kernels are formed (the grouped and plain paths) it scales their rows, so that the
+            unscaled output, which the factor's gradient would read, is not kept: a map per layer; on the
+            matmul path, whose kernels may never be formed, it scales the output.
 
     Returns:
         ``(B, C_out, H', W')``.
@@ -154,7 +160,7 @@ def per_sample_conv2d(
     x = contiguous_grad(x)
     # per-sample kernels (and scaled copies) to rebuild in the backward instead of keeping them
     recipes = KernelRecipes(wanted=rebuild is not None or tap_scale is not None or in_scale is not None
-                            or path == "matmul")
+                            or out_scale is not None or path == "matmul")
     if rebuild is not None and mixing is None and weight.dim() == 5:
         recipes.add(weight, rebuild)
     with rebuilt_in_backward(recipes, x.device):
@@ -165,7 +171,11 @@ def per_sample_conv2d(
         if mixing is not None:
             out = _matmul_conv(x, mixing[1], stride, padding, dilation, groups, tap_scale, recipes, mixing[0])
         else:
-            out = _conv(path, x, weight, stride, padding, dilation, groups, tap_scale, recipes)
+            folded = out_scale if path != "matmul" else None
+            out = _conv(path, x, weight, stride, padding, dilation, groups, tap_scale, recipes, folded)
+            out_scale = None if folded is not None else out_scale
+    if out_scale is not None:
+        out = out * out_scale.reshape(*out_scale.shape, 1, 1)
     if bias is not None:
         out = out + bias.reshape(-1 if bias.dim() == 2 else 1, c_out, 1, 1)
     return out
@@ -173,18 +183,18 @@ def per_sample_conv2d(
 
 def _conv(path: str, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Padding,
           dilation: Sequence[int], groups: int, tap_scale: Optional[torch.Tensor],
-          recipes: KernelRecipes) -> torch.Tensor:
+          recipes: KernelRecipes, out_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     batch, c_out = x.shape[0], weight.shape[-4]
     if path == "matmul":
         out = _matmul_conv(x, weight, stride, padding, dilation, groups, tap_scale, recipes)
     else:
-        if tap_scale is not None:
+        if tap_scale is not None or out_scale is not None:
             if weight.dim() == 4:  # shared kernel: only its scaled per-sample copies are per-sample
                 shared = weight.detach().unsqueeze(0).expand(batch, *weight.shape)
                 weight, base = weight.unsqueeze(0).expand(batch, *weight.shape), (lambda: shared)
             else:
                 base = recipes.get(weight)
-            scale = tap_scale.reshape(batch, 1, 1, *weight.shape[-2:])
+            scale = _kernel_scale(batch, weight.shape, tap_scale, out_scale)
             weight = weight * scale
             if base is not None:  # the scaled copy is rebuilt too (registered before the conv saves it)
                 recipes.add(weight, lambda: base() * scale)
@@ -202,6 +212,16 @@ def _conv(path: str, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int
     return out
 
 
+def _kernel_scale(batch: int, shape: Sequence[int], tap_scale: Optional[torch.Tensor],
+                  out_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """The per-sample factor of the ``(B, C_out, C_in / g, kh, kw)`` kernels: per tap, per output channel."""
+    taps = tap_scale.reshape(batch, 1, 1, *shape[-2:]) if tap_scale is not None else None
+    rows = out_scale.reshape(batch, shape[-4], 1, 1, 1) if out_scale is not None else None
+    if taps is None or rows is None:
+        return taps if rows is None else rows
+    return rows * taps  # (B, C_out, 1, kh, kw): small next to the kernels
+
+
 def _matmul_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Padding,
                  dilation: Sequence[int], groups: int, tap_scale: Optional[torch.Tensor],
                  recipes: Optional[KernelRecipes] = None, coeffs: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -216,6 +236,9 @@ def _matmul_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], p
     if isinstance(padding, str):
         padding = _numeric_padding(padding, (kh, kw), stride, dilation)
     recipes = recipes if recipes is not None else KernelRecipes(wanted=False)
+    if recipes.enabled and (kh, kw, *stride) != (1, 1, 1, 1):  # training, and the unfolding copies the input
+        return _chunked_backward_conv(x, weight, Geometry((kh, kw), stride, padding, dilation, groups), tap_scale,
+                                      coeffs)
     source = recipes.get(x) or (lambda: x)
     cols, out_h, out_w = unfold_taps(x, (kh, kw), stride, padding, dilation)  # (B, C_in, taps, pixels)
     unfolded = lambda: unfold_taps(source(), (kh, kw), stride, padding, dilation)[0]  # noqa: E731
@@ -247,6 +270,19 @@ def _matmul_conv(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], p
     else:
         out = torch.matmul(kernels, cols)
     return out.reshape(batch, c_out, out_h, out_w)
+
+
+def _chunked_backward_conv(x: torch.Tensor, weight: torch.Tensor, geometry: Geometry,
+                           tap_scale: Optional[torch.Tensor], coeffs: Optional[torch.Tensor]) -> torch.Tensor:
+    """:func:`_matmul_conv` in training: the same products, with a backward that forms the unfolded input and
+    its gradient a few samples at a time (:class:`~dynconv.ops._unfolded.SampleChunkedMatmul`)."""
+    batch, groups, c_out = x.shape[0], geometry.groups, weight.shape[-4]
+    kernels = weight.reshape(*weight.shape[:-4], groups, c_out // groups, -1)
+    if coeffs is not None:
+        out = sample_chunked_matmul(x, tap_scale, geometry, _MIXED, coeffs, kernels)
+    else:
+        out = sample_chunked_matmul(x, tap_scale, geometry, _PER_SAMPLE if weight.dim() == 5 else _SHARED, kernels)
+    return out.reshape(batch, c_out, *geometry.output_size(x))
 
 
 class _PerSampleMatmul(torch.autograd.Function):
@@ -298,38 +334,114 @@ class _MixedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, coeffs: torch.Tensor, bank: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(coeffs, bank, cols)
-        batch, (n, groups, c_out, k) = coeffs.shape[0], bank.shape
-        parts = []
-        for part in _channel_slices(batch, bank, cols.element_size()):
-            kernels = (coeffs @ bank[:, :, part].reshape(n, -1)).reshape(batch, groups, -1, k)
-            parts.append(torch.matmul(kernels, cols))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        return _mixed_matmul(coeffs, bank, cols)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         coeffs, bank, cols = ctx.saved_tensors
-        batch, (n, groups, c_out, k) = coeffs.shape[0], bank.shape
-        dtype = grad.dtype
-        d_coeffs = torch.zeros(batch, n, dtype=dtype, device=grad.device)
-        d_bank = torch.empty(bank.shape, dtype=dtype, device=grad.device)
-        d_cols_t = None  # (B, g, P, K): each product (grad^T @ kernels) reads the kernels row-major
-        cols_t = cols.to(dtype).transpose(-1, -2)
-        for part in _channel_slices(batch, bank, cols.element_size()):
-            block = bank[:, :, part].reshape(n, -1).to(dtype)
-            grad_part = grad[:, :, part]
-            if ctx.needs_input_grad[2]:
-                kernels = (coeffs.to(dtype) @ block).reshape(batch, groups, -1, k)
-                contribution = grad_part.transpose(-1, -2) @ kernels
-                d_cols_t = contribution if d_cols_t is None else d_cols_t.add_(contribution)
-                del kernels, contribution
-            if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-                d_kernels = (grad_part @ cols_t).reshape(batch, -1)  # (B, g * slice * K)
-                d_bank[:, :, part] = (coeffs.to(dtype).transpose(0, 1) @ d_kernels).reshape(n, groups, -1, k)
-                d_coeffs.addmm_(d_kernels, block.transpose(0, 1))
-                del d_kernels
-        d_cols = d_cols_t.transpose(-1, -2).to(cols.dtype) if d_cols_t is not None else None
+        d_coeffs, d_bank, d_cols = _mixed_matmul_grads(grad, coeffs, bank, cols, *ctx.needs_input_grad)
         return (d_coeffs.to(coeffs.dtype) if ctx.needs_input_grad[0] else None,
                 d_bank.to(bank.dtype) if ctx.needs_input_grad[1] else None, d_cols)
+
+
+def _mixed_matmul(coeffs: torch.Tensor, bank: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """:class:`_MixedMatmul`'s product, a slice of output channels at a time."""
+    batch, (n, groups, c_out, k) = coeffs.shape[0], bank.shape
+    parts = []
+    for part in _channel_slices(batch, bank, cols.element_size()):
+        kernels = (coeffs @ bank[:, :, part].reshape(n, -1)).reshape(batch, groups, -1, k)
+        parts.append(torch.matmul(kernels, cols))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+def _mixed_matmul_grads(grad: torch.Tensor, coeffs: torch.Tensor, bank: torch.Tensor, cols: torch.Tensor,
+                        need_coeffs: bool, need_bank: bool, need_cols: bool):
+    """``(d_coeffs, d_bank, d_cols)`` of :func:`_mixed_matmul` (in ``grad``'s dtype; ``d_cols`` in ``cols``'),
+    a slice of output channels at a time."""
+    batch, (n, groups, c_out, k) = coeffs.shape[0], bank.shape
+    dtype = grad.dtype
+    d_coeffs = torch.zeros(batch, n, dtype=dtype, device=grad.device)
+    d_bank = torch.empty(bank.shape, dtype=dtype, device=grad.device)
+    d_cols_t = None  # (B, g, P, K): each product (grad^T @ kernels) reads the kernels row-major
+    cols_t = cols.to(dtype).transpose(-1, -2)
+    for part in _channel_slices(batch, bank, cols.element_size()):
+        block = bank[:, :, part].reshape(n, -1).to(dtype)
+        grad_part = grad[:, :, part]
+        if need_cols:
+            kernels = (coeffs.to(dtype) @ block).reshape(batch, groups, -1, k)
+            contribution = grad_part.transpose(-1, -2) @ kernels
+            d_cols_t = contribution if d_cols_t is None else d_cols_t.add_(contribution)
+            del kernels, contribution
+        if need_coeffs or need_bank:
+            d_kernels = (grad_part @ cols_t).reshape(batch, -1)  # (B, g * slice * K)
+            d_bank[:, :, part] = (coeffs.to(dtype).transpose(0, 1) @ d_kernels).reshape(n, groups, -1, k)
+            d_coeffs.addmm_(d_kernels, block.transpose(0, 1))
+            del d_kernels
+    d_cols = d_cols_t.transpose(-1, -2).to(cols.dtype) if d_cols_t is not None else None
+    return d_coeffs, d_bank, d_cols
+
+
+class _SharedKernel(KernelOperand):
+    """One ``(g, C_out / g, K)`` kernel for every sample (only a tap scale varies per sample)."""
+
+    def forward(self, cols: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        batch, groups, k, pixels = cols.shape
+        if groups == 1:  # one matmul over the batch's pixels (the batch moves inward: a copy)
+            out = kernel[0] @ cols[:, 0].transpose(0, 1).reshape(k, batch * pixels)
+            return out.reshape(-1, batch, pixels).transpose(0, 1).contiguous().unsqueeze(1)
+        return torch.matmul(kernel, cols)
+
+    def backward(self, grad, cols, samples, tensors, grads, needs, want_cols, batch):
+        (kernel,), dtype = tensors, grad.dtype
+        part, groups, c_out, pixels = grad.shape
+        grad_inward = grad.permute(1, 2, 0, 3).reshape(groups, c_out, part * pixels)
+        if needs[0]:  # one weight gradient, not one per sample
+            d_kernel = grad_inward @ cols.to(dtype).permute(1, 0, 3, 2).reshape(groups, part * pixels, -1)
+            grads[0] = d_kernel if grads[0] is None else grads[0].add_(d_kernel)
+        if not want_cols:
+            return None
+        d_cols = kernel.to(dtype).transpose(-1, -2) @ grad_inward  # (g, K, part * P)
+        return d_cols.reshape(groups, -1, part, pixels).permute(2, 0, 1, 3)
+
+
+class _PerSampleKernels(KernelOperand):
+    """``(B, g, C_out / g, K)`` kernels, one per sample (see :class:`_PerSampleMatmul` for the layouts)."""
+
+    def forward(self, cols: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(kernels, cols)
+
+    def backward(self, grad, cols, samples, tensors, grads, needs, want_cols, batch):
+        (kernels,), dtype = tensors, grad.dtype
+        d_cols = None
+        if want_cols:
+            d_cols = (grad.transpose(-1, -2) @ kernels[samples].to(dtype)).transpose(-1, -2)
+        if needs[0]:
+            if grads[0] is None:
+                grads[0] = grad.new_empty(kernels.shape)
+            torch.matmul(grad, cols.to(dtype).transpose(-1, -2), out=grads[0][samples])
+        return d_cols
+
+
+class _MixedKernels(KernelOperand):
+    """Kernels ``mix_kernels(coeffs, bank)`` (``coeffs`` ``(B, n)``, ``bank`` ``(n, g, C_out / g, K)``), formed
+    a slice of output channels at a time as in :class:`_MixedMatmul`."""
+
+    def forward(self, cols: torch.Tensor, coeffs: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+        return _mixed_matmul(coeffs, bank, cols)
+
+    def backward(self, grad, cols, samples, tensors, grads, needs, want_cols, batch):
+        coeffs, bank = tensors
+        d_coeffs, d_bank, d_cols = _mixed_matmul_grads(grad, coeffs[samples], bank, cols, *needs, want_cols)
+        if needs[0]:
+            if grads[0] is None:
+                grads[0] = d_coeffs.new_zeros(batch, coeffs.shape[1])
+            grads[0][samples] = d_coeffs
+        if needs[1]:
+            grads[1] = d_bank if grads[1] is None else grads[1].add_(d_bank)
+        return d_cols
+
+
+_SHARED, _PER_SAMPLE, _MIXED = _SharedKernel(), _PerSampleKernels(), _MixedKernels()
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -346,28 +458,6 @@ def _numeric_padding(padding: str, kernel: Sequence[int], stride: Sequence[int],
         raise ValueError(f"padding={padding!r} with kernel {tuple(kernel)}, stride {tuple(stride)}: the matmul "
                          "path needs numeric or symmetric 'same' padding")
     return tuple(span // 2 for span in spans)
-
-
-def unfold_taps(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int] = (1, 1),
-                padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), taps_first: bool = False):
-    """``(cols, H', W')`` with ``cols`` the ``(B, C, kh * kw, H' * W')`` input under each kernel tap
-    (``(B, kh * kw, C, H' * W')`` with ``taps_first``).
-
-    Built from one strided slice per tap, so it traces and exports with a symbolic batch size (unlike
-    :func:`conv_patches`' ``as_strided`` view); a 1x1 kernel at stride 1 costs no copy at all.
-    """
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    if ph or pw:
-        x = F.pad(x, (pw, pw, ph, ph))
-    batch, channels, h, w = x.shape
-    out_h, out_w = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-    if (kh, kw, sh, sw) == (1, 1, 1, 1):
-        return x.reshape(batch, *((1, channels) if taps_first else (channels, 1)), h * w), out_h, out_w
-    taps = [x[:, :, i * dh:i * dh + sh * (out_h - 1) + 1:sh, j * dw:j * dw + sw * (out_w - 1) + 1:sw]
-            for i in range(kh) for j in range(kw)]
-    if taps_first:
-        return torch.stack(taps, dim=1).reshape(batch, kh * kw, channels, out_h * out_w), out_h, out_w
-    return torch.stack(taps, dim=2).reshape(batch, channels, kh * kw, out_h * out_w), out_h, out_w
 
 
 def cell_conv2d(
@@ -513,9 +603,10 @@ def _mixed_cells(rows: torch.Tensor, bank: torch.Tensor, batch: int, taps: int, 
     flat_bank = bank.reshape(n, -1)
     for first in range(0, len(indices), step):
         chunk = indices[first:first + step]
-        cells = (rows[first * batch:(first + len(chunk)) * batch] @ flat_bank).reshape(len(chunk), batch,
-                                                                                      bank.shape[1], bank.shape[2])
-        yield _Offset(cells, first), chunk
+        # made in the yield expression, not bound here: the caller's ``del`` frees the cells, which a local
+        # of this generator would keep alive while the caller forms their gradient
+        yield _Offset((rows[first * batch:(first + len(chunk)) * batch] @ flat_bank).reshape(
+            len(chunk), batch, bank.shape[1], bank.shape[2]), first), chunk
 
 
 class _Offset:

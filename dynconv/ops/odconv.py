@@ -128,16 +128,18 @@ class ODConv2d(DynamicConv2dBase):
             # (a copy of the input map per layer otherwise)
             y = per_sample_conv2d(x, self.weight[0], None, **self._conv_kwargs(), in_scale=a_c.flatten(1),
                                   path="grouped")
+            if a_f is not None:
+                y = y * a_f
         else:
             # one kernel (1x): the weight stays shared and only the spatial attention varies per sample
             # several kernels: mixed per sample inside per_sample_conv2d, which never forms them all at once
             # in training on its matmul path
             weight, mixing = (None, (a_w, self.weight)) if a_w is not None else (self.weight[0], None)
             taps = a_s.reshape(x.shape[0], -1) if a_s is not None else None
+            # the filter attention scales the kernels' rows where they are formed (per_sample_conv2d's
+            # out_scale): the unscaled output is then not kept for its gradient
             y = per_sample_conv2d(x, weight, None, **self._conv_kwargs(), tap_scale=taps, in_scale=a_c.flatten(1),
-                                  mixing=mixing)
-        if a_f is not None:
-            y = y * a_f
+                                  mixing=mixing, out_scale=a_f.flatten(1) if a_f is not None else None)
         if self.bias is not None:
             y = y + self.bias.reshape(1, -1, 1, 1)
         return y
