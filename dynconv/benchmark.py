@@ -327,7 +327,8 @@ def latency_vs_bound(arch: str, convs: Sequence[str], settings: BenchSettings = 
 
     from . import count_macs, create_model
     from .deploy import deploy
-    from .latency_bound import latency_bound, method_costs, rate_probes, rates_from_seconds
+    from .latency_bound import (count_aten_ops, dispatch_probe, latency_bound, method_costs, rate_probes,
+                                rates_from_seconds)
 
     device = _prepare(settings)
     if device.type != "cpu":
@@ -343,6 +344,7 @@ def latency_vs_bound(arch: str, convs: Sequence[str], settings: BenchSettings = 
         deployed[conv] = deploy(models[conv], x)
     costs = {c: method_costs(m, (1, 3, size, size)) for c, m in deployed.items()}
     static_macs = count_macs(deployed["static"], (1, 3, size, size))
+    aten_ops = {c: count_aten_ops(m, x) for c, m in deployed.items()}
 
     def forward(model: Callable) -> Callable[[], None]:
         def run() -> None:
@@ -354,6 +356,7 @@ def latency_vs_bound(arch: str, convs: Sequence[str], settings: BenchSettings = 
     cases.update({f"{c}/model": forward(m) for c, m in models.items() if c != "static"})
     probes = rate_probes(copy_mb)
     cases.update({f"rate/{name}": fn for name, (fn, _) in probes.items()})
+    cases["rate/dispatch"], probe_ops = dispatch_probe()
     eager_times = interleaved_times(cases, repeats, settings.warmup, device)
     eager = {name: min(values) for name, values in eager_times.items()}
     eager_median = {name: statistics.median(values) for name, values in eager_times.items()}
@@ -380,9 +383,12 @@ def latency_vs_bound(arch: str, convs: Sequence[str], settings: BenchSettings = 
                                   interleaved_times(fns, repeats, settings.warmup, device).items()}
     rows = []
     static = eager["static"]
+    op_seconds = eager["rate/dispatch"] / probe_ops
     for conv in names:
         bound = latency_bound(costs[conv], static, static_macs, rates)
         cost = costs[conv]
+        # the dispatch of the ops the method adds, at the probe's cost per op: eager time the bound does not see
+        dispatch = max(0, aten_ops[conv] - aten_ops["static"]) * op_seconds
         row: Dict[str, object] = {
             "arch": arch, "conv": conv, "bound_s": round(bound, 6), "bound_ratio": _ratio(bound / static),
             "eager_s": round(eager[conv], 6), "eager_bound_ratio": _ratio(eager[conv] / bound),
@@ -395,6 +401,9 @@ def latency_vs_bound(arch: str, convs: Sequence[str], settings: BenchSettings = 
             "conv_macs_m": round(cost.total("conv_macs") / 1e6, 2),
             "attention_macs_m": round(cost.total("attention_macs") / 1e6, 3),
             "rates": {k: round(v / 1e9, 2) for k, v in rates.__dict__.items()},  # GB/s, GMAC/s
+            "aten_ops": aten_ops[conv], "static_aten_ops": aten_ops["static"],
+            "op_dispatch_us": round(op_seconds * 1e6, 3), "dispatch_s": round(dispatch, 6),
+            "eager_bound_dispatch_ratio": _ratio(eager[conv] / (bound + dispatch)),
         }
         for runtime, key in (("compile", "compiled_s"), ("onnx", "onnxruntime_s")):
             if runtime in timed and conv in timed[runtime]:

@@ -34,6 +34,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .ops._base import DynamicConv2dBase
@@ -46,8 +47,8 @@ from .ops.icconv import InceptionConv2d
 from .ops.kernelwarehouse import KWConv2d
 from .ops.odconv import ODConv2d
 
-__all__ = ["LayerCost", "MachineRates", "MethodCost", "latency_bound", "measure_rates", "method_costs", "rate_probes",
-           "rates_from_seconds"]
+__all__ = ["LayerCost", "MachineRates", "MethodCost", "count_aten_ops", "dispatch_probe", "latency_bound",
+           "measure_rates", "method_costs", "rate_probes", "rates_from_seconds"]
 
 
 @dataclass(frozen=True)
@@ -278,3 +279,38 @@ def measure_rates(copy_mb: int = 512, repeats: int = 10) -> MachineRates:
             times.append(time.perf_counter() - start)
         seconds[name] = statistics.median(times)
     return rates_from_seconds(probes, seconds)
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def count_aten_ops(model: nn.Module, x: torch.Tensor) -> int:
+    """The aten ops one inference forward of ``model`` on ``x`` dispatches. Eager PyTorch pays a fixed
+    dispatch time per op whatever its size, which the byte / MAC bound does not count: at batch 1 a method
+    that adds many small ops per layer pays it many times (:func:`dispatch_probe` times one)."""
+    counter = _OpCounter()
+    with counter:
+        model(x)
+    return counter.count
+
+
+def dispatch_probe(ops: int = 100) -> Tuple[Callable[[], object], int]:
+    """``(fn, ops)``: ``fn`` dispatches ``ops`` elementwise products of one-element tensors, whose time is the
+    eager dispatch cost of an op and nothing else (a lower bound on what a model's small ops cost: their
+    Python around the op comes on top)."""
+    a = torch.ones(1)
+
+    def run() -> None:
+        for _ in range(ops):
+            torch.mul(a, a)
+
+    return run, ops
+

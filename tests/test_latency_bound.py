@@ -107,3 +107,22 @@ def test_residual_attention_moves_the_map_three_times():
 def test_batch_above_one_is_refused():
     with pytest.raises(ValueError, match="batch 1"):
         method_costs(nn.Sequential(ODConv2d(4, 4, 3)), (2, 4, 8, 8))
+
+
+def test_aten_ops_are_counted_per_dispatch():
+    """Linear is ``t`` + ``addmm``, ReLU one op, Identity none: the counter sees what eager dispatches."""
+    from dynconv.latency_bound import count_aten_ops, dispatch_probe
+
+    assert count_aten_ops(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Identity()), torch.randn(2, 4)) == 3
+    run, ops = dispatch_probe(7)
+    counter_model = _Call(run)
+    assert ops == 7 and count_aten_ops(counter_model, torch.zeros(1)) == 7
+
+
+class _Call(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn()
