@@ -29,7 +29,7 @@ from torch import nn
 
 from ._base import DynamicConv2dBase, IntOrPair, Padding, refuse_scripting
 from ._recompute import tracing
-from .functional import choose_path, per_sample_conv2d
+from .functional import folds_out_scale, per_sample_conv2d
 from ._norm import SafeBatchNorm1d, SafeBatchNorm2d
 
 
@@ -149,16 +149,17 @@ class DCDConv2d(DynamicConv2dBase):
         return torch.addcmul(residual, self.conv(x), scale[:, :, None, None])
 
     def _scale_kernels(self, x: torch.Tensor) -> bool:
-        """In training, where per-sample kernels convolve as fast as the static one (oneDNN's grouped conv on
-        large maps), Lambda scales W0's rows per sample instead of the output: conv_W0(x), which Lambda's
-        gradient would read, is then not kept (a map per layer)."""
-        return (torch.is_grad_enabled() and not tracing()
-                and choose_path(x, self.conv.weight, self.conv.stride, self.conv.padding, self.groups) == "grouped")
+        """In training, where per-sample copies of W0 cost no more than the static conv (oneDNN's grouped conv on
+        large maps; 1x1 kernels smaller than their maps), Lambda scales W0's rows per sample instead of the
+        output: conv_W0(x), which Lambda's gradient would read, is then not kept (a map per layer)."""
+        conv = self.conv
+        return (torch.is_grad_enabled() and not tracing() and x.shape[0] > 1
+                and folds_out_scale(x, conv.weight, conv.stride, conv.padding, conv.groups))
 
     def _scaled_conv(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         conv = self.conv
         return per_sample_conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups,
-                                 out_scale=scale, path="grouped")
+                                 out_scale=scale)
 
     def _project(self, z: torch.Tensor) -> torch.Tensor:
         """``P z`` plus the layer's static bias, in one convolution."""

@@ -163,6 +163,15 @@ def per_sample_conv2d(
                             or out_scale is not None or path == "matmul")
     if rebuild is not None and mixing is None and weight.dim() == 5:
         recipes.add(weight, rebuild)
+    if (out_scale is not None and path == "matmul" and mixing is None and recipes.enabled and weight.dim() == 4
+            and _kernel_row_smaller_than_map(x, weight, stride)):
+        # training on the matmul path with a shared kernel (1x1 convs on large maps): the factor rides on
+        # per-sample copies of the kernel, rebuilt in the backward, instead of on the output, which its
+        # gradient would keep
+        shared, rows = weight.detach(), out_scale.reshape(*out_scale.shape, 1, 1, 1)
+        weight = weight.unsqueeze(0) * rows
+        recipes.add(weight, lambda: shared.unsqueeze(0) * rows)
+        out_scale = None
     with rebuilt_in_backward(recipes, x.device):
         if in_scale is not None:
             source, factor = x, in_scale.reshape(*in_scale.shape, 1, 1)
@@ -179,6 +188,20 @@ def per_sample_conv2d(
     if bias is not None:
         out = out + bias.reshape(-1 if bias.dim() == 2 else 1, c_out, 1, 1)
     return out
+
+
+def folds_out_scale(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Padding,
+                    groups: int) -> bool:
+    """Whether :func:`per_sample_conv2d` in training folds ``out_scale`` into per-sample copies of the shared
+    ``weight`` (so that the unscaled output is not kept): on the grouped and plain paths, which form per-sample
+    kernels anyway, and on the matmul path where one sample's kernel row is smaller than its output map."""
+    if choose_path(x, weight, stride, padding, groups) != "matmul":
+        return True
+    return _kernel_row_smaller_than_map(x, weight, stride)
+
+
+def _kernel_row_smaller_than_map(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int]) -> bool:
+    return weight[0].numel() < (x.shape[-2] // stride[0]) * (x.shape[-1] // stride[1])
 
 
 def _conv(path: str, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Padding,

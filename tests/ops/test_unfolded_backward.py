@@ -108,3 +108,41 @@ def test_odconv_keeps_no_unscaled_output_on_the_grouped_path():
         out = layer(x)
         kept = tracker.current - before
     assert out.numel() * F64 <= kept < 1.25 * out.numel() * F64
+
+
+@pytest.mark.parametrize("kernel,size", [(1, 32), (3, 32), (3, 6)])
+def test_dcd_scale_on_the_kernels_equals_scaling_the_output(monkeypatch, kernel, size):
+    """DCD's Lambda on per-sample copies of W0 (large maps: 1x1, or the grouped path) gives the outputs and
+    float64 gradients of Lambda * conv_W0(x); on small maps with 3x3 kernels the output is scaled as before."""
+    from dynconv.ops.dcd import DCDConv2d
+
+    torch.manual_seed(0)
+    layer = DCDConv2d(16, 24, kernel, padding=kernel // 2).double().train()
+    x = torch.randn(3, 16, size, size, dtype=torch.float64, requires_grad=True)
+    assert layer._scale_kernels(x) == (size == 32)
+    leaves = [x, *layer.parameters()]
+    got = layer(x)
+    upstream = torch.randn_like(got)
+    got_grads = torch.autograd.grad(got, leaves, upstream)
+    monkeypatch.setattr(DCDConv2d, "_scale_kernels", lambda self, x: False)
+    expected = layer(x)
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(got_grads, torch.autograd.grad(expected, leaves, upstream)):
+        torch.testing.assert_close(g, e)
+
+
+def test_dcd_keeps_no_static_conv_output_on_large_maps():
+    """A 1x1 DCD layer on a 32x32 map (MobileNetV2's pointwise case) keeps, besides the output it returns, only
+    its latent maps (L = 4 channels here, against 32 output channels), not conv_W0(x)."""
+    from dynconv.ops.dcd import DCDConv2d
+
+    torch.manual_seed(0)
+    layer = DCDConv2d(16, 32, 1).double().train()
+    x = torch.randn(4, 16, 32, 32, dtype=torch.float64, requires_grad=True)
+    with LiveTensorTracker() as tracker:
+        tracker.add([x, *layer.parameters()], "held")
+        before = tracker.current
+        out = layer(x)
+        kept = tracker.current - before
+    out_bytes = out.numel() * F64
+    assert kept < 1.8 * out_bytes  # conv_W0(x) kept as well would be 2 x the output and more
