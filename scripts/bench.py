@@ -61,11 +61,6 @@ MEMORY_NOTES = {
                           "ResNet-DGC: each keeps one more map than the static conv (the normalised input; 118 MiB "
                           "at the peak, the holders 'forward *.norm'), an activation of the method's architecture "
                           "that the floor, which counts attention branches only, leaves out: without it 1.04."),
-    ("mobilenetv2_100", "dcd"): ("peak at the start of the backward: DCD's latent path keeps its maps (Q x, its "
-                                 "norm, Phi z, P's input) at every 1x1 layer, an activation of the method's "
-                                 "low-rank residual that the floor, which counts attention branches only, leaves "
-                                 "out; the output scale is applied to the output there (1x1 convs take the matmul "
-                                 "path, where the static conv is not a per-sample one)."),
     ("mobilenetv2_100", "cbam"): ("CBAM (timm's CbamModule in the SE slot) multiplies the expanded map by the "
                                   "channel and then the spatial attention, and both products are kept for their "
                                   "gradients: two expanded-width maps per block that the floor (attention branches "
@@ -84,12 +79,17 @@ _ICCONV_NOTE = ("bound = static: IC-Conv has the static conv's MACs and weights.
 _DGC_NOTE = ("the bound prices the 55% pruned MACs at the dense static rate; the sparse path gathers each head's "
              "kept channels into a 4-group conv / small matmul (scripts/bench_dgc.py), which runs far below that "
              "rate at batch 1.")
+_KW_LATENCY_NOTE = ("the cell mixing, per layer one (mixtures x cells) @ (cells x cell size) product with few rows, "
+                    "runs far below the 1024^3 matmul's rate the bound prices it at: KW 1x 81 GMAC/s (4.7 ms for "
+                    "2.9), KW 4x 37 GMAC/s (41.7 ms for 11.5), measured layer by layer by "
+                    "scripts/profile_kw_mixing.py; compiled is as far from its bound.")
 LATENCY_NOTES: Dict[Tuple[str, str], str] = {
     ("resnet18", "icconv"): _ICCONV_NOTE, ("mobilenetv2_100", "icconv"): _ICCONV_NOTE,
     ("resnet18", "dgc"): _DGC_NOTE, ("mobilenetv2_100", "dgc"): _DGC_NOTE,
     ("resnet18", "dcd"): ("Q and P are 1x1 convs at full resolution with L = 16-45 latent channels, priced at the "
                           "static network's average MAC rate, which such narrow convs do not reach."),
     ("mobilenetv2_100", "dcd"): "narrow full-resolution Q / P convs as on ResNet18.",
+    **{("resnet18", conv): _KW_LATENCY_NOTE for conv in ("kw_1d4x", "kw_1d2x", "kw_1x", "kw_2x", "kw_4x")},
 }
 
 
