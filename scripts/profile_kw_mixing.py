@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -17,17 +16,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dynconv  # noqa: E402
+from dynconv.benchmark import interleaved_times  # noqa: E402
 from dynconv.ops.kernelwarehouse import KWConv2d  # noqa: E402
 
 
 def fastest(fn: Callable[[], object], repeats: int = 20) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(interleaved_times({"call": fn}, repeats, 1, torch.device("cpu"))["call"])
 
 
 def main() -> None:
