@@ -4,8 +4,8 @@ On the matmul path a convolution is ``kernels @ cols``, ``cols`` the input under
 (``kh * kw`` times the input). Autograd's backward of ``unfold -> tap scale -> matmul`` forms, for the whole
 batch at once, the rebuilt ``cols``, their gradient, and with a per-sample tap scale (ODConv's spatial
 attention) the scaled copy and the product for the tap gradient: several tensors of ``kh * kw`` times the
-layer's input, which oneDNN's convolution backward (the static network's) never forms. In ResNet18's
-14x14 layers at batch 16 they made the peak of a training step (27.6 MiB each).
+layer's input, which oneDNN's convolution backward (the static network's) never forms; on ResNet18's 14x14
+layers they made the peak of a training step (``results/bench_cpu.md``, memory table).
 
 :class:`SampleChunkedMatmul` keeps the forward as it was and runs the backward over chunks of samples with
 at most :data:`UNFOLD_CHUNK_BYTES` of ``cols`` each: per chunk it rebuilds ``cols`` from the input, takes

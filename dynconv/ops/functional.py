@@ -138,10 +138,11 @@ def per_sample_conv2d(
             (:class:`_MixedMatmul`), so training holds at most :data:`MIX_CHUNK_BYTES` of them instead of
             ``B`` x the layer's weights (and as much again for their gradient). Elsewhere they are mixed
             here and rebuilt in the backward (as with ``rebuild``).
-        out_scale: optional ``(B, C_out)`` factor of each output channel (ODConv's filter attention). Where
-            per-sample kernels are formed (the grouped and plain paths) it scales their rows, so that the
-            unscaled output, which the factor's gradient would read, is not kept: a map per layer; on the
-            matmul path, whose kernels may never be formed, it scales the output.
+        out_scale: optional ``(B, C_out)`` factor of each output channel (ODConv's filter attention, DCD's
+            Lambda). Where per-sample kernels are formed (the grouped and plain paths), and in training on
+            the matmul path for a shared kernel whose row is smaller than the output map
+            (:func:`folds_out_scale`), it scales the kernels' rows, so that the unscaled output, which the
+            factor's gradient would read, is not kept (a map per layer); elsewhere it scales the output.
 
     Returns:
         ``(B, C_out, H', W')``.
