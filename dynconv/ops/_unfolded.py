@@ -15,6 +15,7 @@ products are the same as the whole batch's, so the gradients are equal up to flo
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import List, Optional, Sequence
 
 import torch
@@ -68,19 +69,21 @@ class Geometry:
         return cols.reshape(x.shape[0], self.groups, -1, cols.shape[-1])
 
 
-class KernelOperand:
+class KernelOperand(ABC):
     """How the kernels of :class:`SampleChunkedMatmul` are given. ``forward(cols, *tensors)`` is
     ``kernels @ cols`` for the whole batch (``(B, g, K, P) -> (B, g, C_out / g, P)``); ``backward`` takes one
     chunk of samples: it adds the kernel tensors' gradients for those samples into ``grads`` (allocating
     them on the first chunk) and returns the chunk's ``d_cols`` (or None when not ``want_cols``)."""
 
+    @abstractmethod
     def forward(self, cols: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def backward(self, grad: torch.Tensor, cols: torch.Tensor, samples: slice, tensors: Sequence[torch.Tensor],
                  grads: List[Optional[torch.Tensor]], needs: Sequence[bool], want_cols: bool,
                  batch: int) -> Optional[torch.Tensor]:
-        raise NotImplementedError
+        ...
 
 
 class SampleChunkedMatmul(torch.autograd.Function):
