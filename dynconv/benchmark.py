@@ -286,7 +286,7 @@ def _onnx_session(model: nn.Module, x: torch.Tensor, path: str):
 
 
 @torch.no_grad()
-def _calibrate_norms(model: nn.Module, x: torch.Tensor) -> nn.Module:
+def calibrate_norms(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """Give every BatchNorm of ``model`` the statistics of ``x`` (one train-mode forward, cumulative average),
     as a trained model has: a fresh DCD / DGC model normalises with batch statistics in eval mode
     (``dynconv.models.use_batch_statistics_until_trained``), which costs time a trained model does not spend
@@ -309,11 +309,11 @@ def _ratio(value: float) -> float:
 
 def latency_vs_bound(arch: str, convs: Sequence[str], settings: BenchSettings = BenchSettings(),
                      runtimes: Sequence[str] = ("eager", "compile", "onnx"), repeats: int = 30,
-                     copy_mb: int = 512) -> List[Dict[str, object]]:
+                     copy_mb: int = 512, flush_denormal: bool = True) -> List[Dict[str, object]]:
     """Batch-1 latency of each of ``convs`` on ``arch`` against the bound its method imposes
     (:mod:`dynconv.latency_bound`), measured on this machine in this run.
 
-    Every model's BatchNorms hold statistics (:func:`_calibrate_norms`), as a trained model's do. Every model is
+    Every model's BatchNorms hold statistics (:func:`calibrate_norms`), as a trained model's do. Every model is
     timed as :func:`dynconv.deploy` gives it (BatchNorms folded: what a user ships) and, in
     eager mode, also as built. ``static`` is added when missing; its deployed eager time is the bound's static
     time. Runtimes: ``"eager"`` (always, round-robin with static), ``"compile"`` (``torch.compile`` of the
@@ -322,7 +322,18 @@ def latency_vs_bound(arch: str, convs: Sequence[str], settings: BenchSettings = 
     shared machine the minimum is the time least inflated by other processes (the medians of eager calls are
     kept too). The machine's rates (:func:`dynconv.latency_bound.rate_probes`,
     a ``copy_mb`` MB copy among them) are timed round-robin with the eager cases, under the same load.
+
+    With ``flush_denormal`` (``torch.set_flush_denormal``, reset when done) denormal floats are flushed to
+    zero: the random-weight models' saturated attentions (a sigmoid of a large negative logit) give denormal
+    factors, which multiply whole kernels and made the arithmetic on them several times slower (ODConv 1x
+    MobileNetV2 39 ms instead of 23, ``scripts/profile_batch1_layers.py``), a cost of the random weights that
+    the bound does not model and a deployment flushes away.
     """
+    if flush_denormal and torch.set_flush_denormal(True):
+        try:
+            return latency_vs_bound(arch, convs, settings, runtimes, repeats, copy_mb, flush_denormal=False)
+        finally:
+            torch.set_flush_denormal(False)
     import tempfile
 
     from . import count_macs, create_model
@@ -340,7 +351,7 @@ def latency_vs_bound(arch: str, convs: Sequence[str], settings: BenchSettings = 
     models, deployed = {}, {}
     for conv in names:
         torch.manual_seed(0)
-        models[conv] = _calibrate_norms(create_model(arch, conv, num_classes=settings.num_classes), calibration)
+        models[conv] = calibrate_norms(create_model(arch, conv, num_classes=settings.num_classes), calibration)
         deployed[conv] = deploy(models[conv], x)
     costs = {c: method_costs(m, (1, 3, size, size)) for c, m in deployed.items()}
     static_macs = count_macs(deployed["static"], (1, 3, size, size))

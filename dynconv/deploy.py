@@ -21,8 +21,9 @@ Not folded (no exact fold exists): BatchNorms after a ReLU or a residual sum (DG
 ResNet), LayerNorms (ConvNeXt, KernelWarehouse's ConvNeXt attention), BatchNorms that still normalise with
 batch statistics (an untrained DCD / DGC model), ODConv's channel and filter attentions (input-dependent
 scalings of the input and output; they stay elementwise multiplies). Input-independent work is done once:
-a warm-up forward builds DGC's weight layout and IC-Conv's packed kernels, which the frozen parameters keep
-cached.
+ODConv's attention heads are stacked into one matrix with the temperature in it
+(:mod:`dynconv.fused_attention`), and a warm-up forward builds DGC's weight layout and IC-Conv's packed
+kernels, which the frozen parameters keep cached.
 
 The deployed model is for inference only: it is in eval mode, its parameters do not require gradients,
 and training it is not supported (the layers' training-time BatchNorm behaviour is gone).
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 from torch.fx._symbolic_trace import is_fx_tracing
 
+from .fused_attention import fuse_attentions
 from .models import FRESH_ATTR, _fresh_norm_hook
 from .ops._base import DynamicConv2dBase
 from .ops.condconv import CondConv2d
@@ -48,7 +50,7 @@ from .ops.icconv import InceptionConv2d
 from .ops.kernelwarehouse import KWConv2d, _KWTokenConv
 from .ops.odconv import ODConv2d
 
-__all__ = ["AddBias", "DeployedFDConv2d", "DeployedKWConv2d", "bn_affine", "deploy", "find_folds"]
+__all__ = ["DeployedCondConv2d", "DeployedFDConv2d", "DeployedKWConv2d", "bn_affine", "deploy", "find_folds"]
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -105,7 +107,8 @@ def _fold_condconv(layer: CondConv2d, scale: torch.Tensor, shift: torch.Tensor) 
     layer.weight.mul_(_channel_view(scale, 1, layer.weight.dim()))
     if layer.bias is not None:
         layer.bias.mul_(scale)
-    return AddBias(layer, shift)
+    DeployedCondConv2d.adopt(layer, shift)
+    return layer
 
 
 def _fold_dyconv(layer: DynamicConv2d, scale: torch.Tensor, shift: torch.Tensor) -> nn.Module:
@@ -190,17 +193,22 @@ class DeployedFDConv2d(FDConv2d):
         return scale if a_f is None else a_f * scale
 
 
-class AddBias(nn.Module):
-    """``layer(x) + bias`` per output channel: the folded BatchNorm shift of a layer without a static
-    bias of its own (CondConv, whose sigmoid routing does not sum to one)."""
+class DeployedCondConv2d(CondConv2d):
+    """A :class:`~dynconv.ops.condconv.CondConv2d` with a folded BatchNorm's shift added to its mixed bias, which
+    the convolution adds (its sigmoid routing need not sum to one, so the shift cannot go into the experts')."""
 
-    def __init__(self, layer: nn.Module, bias: torch.Tensor) -> None:
-        super().__init__()
-        self.layer = layer
-        self.bias = nn.Parameter(bias.detach().clone())
+    shift: torch.Tensor
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x) + self.bias.reshape(1, -1, 1, 1)
+    @classmethod
+    def adopt(cls, layer: CondConv2d, shift: torch.Tensor) -> None:
+        if not isinstance(layer, cls):
+            layer.__class__ = cls  # a subclass swap: the layer keeps its routing and experts
+            layer.register_buffer("shift", torch.zeros_like(shift))
+        layer.shift.add_(shift)
+
+    def mixed_bias(self, routing: torch.Tensor) -> torch.Tensor:
+        bias = super().mixed_bias(routing)
+        return self.shift if bias is None else bias + self.shift
 
 
 class DeployedKWConv2d(KWConv2d):
@@ -455,8 +463,9 @@ def deploy(model: nn.Module, example: Optional[torch.Tensor] = None, report: Opt
         if new is not layer:
             _replace(deployed, layer_name, new)
         _replace(deployed, bn_name, _norm_remainder(bn))
-    for p in deployed.parameters():  # AddBias and new biases
+    for p in deployed.parameters():  # the new biases
         p.requires_grad_(False)
+    fuse_attentions(deployed)
     deployed(example)  # builds the inference caches now (DGC's weight layout, IC-Conv's packed kernels)
     if report is not None:
         report.extend(pairs)

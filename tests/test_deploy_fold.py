@@ -18,6 +18,7 @@ from torch import nn
 
 import dynconv
 from dynconv.deploy import bn_affine, deploy
+from dynconv.fused_attention import FusedDYAttention, FusedKWAttention, FusedODAttention
 
 _BN = nn.modules.batchnorm._BatchNorm
 ALL_CONVS = dynconv.list_convs()
@@ -144,6 +145,31 @@ MOBILENETV2_CONVS = ["static", "se", "cbam", "eca", "condconv_8x", "dyconv_4x", 
 def test_deploy_is_exact_and_folds_every_norm(arch, conv):
     model, deployed, report = check_deploy(arch, conv)
     assert _norms(deployed) == _expected_left(arch, conv, model)
+
+
+@pytest.mark.parametrize("conv,fused", [("odconv_4x", FusedODAttention), ("odconv_1x", FusedODAttention),
+                                        ("dyconv_4x", FusedDYAttention), ("kw_1x", FusedKWAttention),
+                                        ("kw_1d4x", FusedKWAttention)])
+def test_deploy_puts_attentions_in_their_inference_form(conv, fused):
+    """Every attention of the family is in its inference form (:mod:`dynconv.fused_attention`: stacked heads,
+    folded BatchNorm and temperature) after ``deploy``, so the exactness checks above run through it, and each
+    gives what the module form gives on the same input, at batch 2 and 1 (float64)."""
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    model = calibrated("resnet18", conv, x)
+    deployed = deploy(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, fused.__mro__[1])]
+    assert names and all(type(deployed.get_submodule(n)) is fused for n in names)
+    inputs = _capture(model, names, "in", x)
+    with torch.no_grad():
+        for name in names:
+            for xi in (inputs[name], inputs[name][:1]):
+                want, got = model.get_submodule(name)(xi), deployed.get_submodule(name)(xi)
+                for w, g in zip(*(t if isinstance(t, tuple) else (t,) for t in (want, got))):
+                    if w is None:
+                        assert g is None, name
+                        continue
+                    torch.testing.assert_close(g, w, rtol=0, atol=1e-12 * max(w.abs().max().item(), 1.0),
+                                               msg=f"{conv}: {name}")
 
 
 def test_bn_affine_is_the_eval_batchnorm():

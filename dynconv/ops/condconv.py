@@ -9,6 +9,7 @@ routing lives inside the layer, so this is a drop-in ``nn.Conv2d``.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -52,8 +53,12 @@ class CondConv2d(DynamicConv2dBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = torch.sigmoid(self.routing(global_pool(x).flatten(1)))
-        bias = routing @ self.bias if self.bias is not None else None
-        return per_sample_conv2d(x, None, bias, **self._conv_kwargs(), mixing=(routing, self.weight))
+        return per_sample_conv2d(x, None, self.mixed_bias(routing), **self._conv_kwargs(),
+                                 mixing=(routing, self.weight))
+
+    def mixed_bias(self, routing: torch.Tensor) -> Optional[torch.Tensor]:
+        """``(B, C_out)``: the experts' biases weighted by the routing, or ``None`` without biases."""
+        return routing @ self.bias if self.bias is not None else None
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_experts={self.num_experts}"

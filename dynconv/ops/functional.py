@@ -182,8 +182,11 @@ def per_sample_conv2d(
             out = _matmul_conv(x, mixing[1], stride, padding, dilation, groups, tap_scale, recipes, mixing[0])
         else:
             folded = out_scale if path != "matmul" else None
-            out = _conv(path, x, weight, stride, padding, dilation, groups, tap_scale, recipes, folded)
+            # the bias rides in the convolution (one pass over the output fewer; the scale is folded first)
+            inner_bias = bias if bias is not None and path != "matmul" else None
+            out = _conv(path, x, weight, stride, padding, dilation, groups, tap_scale, recipes, folded, inner_bias)
             out_scale = None if folded is not None else out_scale
+            bias = None if inner_bias is not None else bias
     if out_scale is not None:
         out = out * out_scale.reshape(*out_scale.shape, 1, 1)
     if bias is not None:
@@ -207,8 +210,13 @@ def _kernel_row_smaller_than_map(x: torch.Tensor, weight: torch.Tensor, stride: 
 
 def _conv(path: str, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int], padding: Padding,
           dilation: Sequence[int], groups: int, tap_scale: Optional[torch.Tensor],
-          recipes: KernelRecipes, out_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+          recipes: KernelRecipes, out_scale: Optional[torch.Tensor] = None,
+          bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The grouped / plain convolution, with ``bias`` (``(C_out,)`` or ``(B, C_out)``) inside it, or the
+    matmul one (no ``bias``)."""
     batch, c_out = x.shape[0], weight.shape[-4]
+    if bias is not None and bias.dim() == 2 and batch == 1:
+        bias = bias.reshape(-1)
     if path == "matmul":
         out = _matmul_conv(x, weight, stride, padding, dilation, groups, tap_scale, recipes)
     else:
@@ -222,15 +230,20 @@ def _conv(path: str, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int
             weight = weight * scale
             if base is not None:  # the scaled copy is rebuilt too (registered before the conv saves it)
                 recipes.add(weight, lambda: base() * scale)
-        if weight.dim() == 4:
-            out = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        if weight.dim() == 4 and (bias is None or bias.dim() == 1):
+            out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        elif weight.dim() == 4:  # per-sample biases on a shared kernel
+            out = F.conv2d(x, weight, None, stride, padding, dilation, groups) + bias.reshape(batch, c_out, 1, 1)
         elif path == "plain" and batch == 1:  # one sample: no concatenation, which would copy the output
-            out = F.conv2d(x, weight[0], None, stride, padding, dilation, groups)
+            out = F.conv2d(x, weight[0], bias, stride, padding, dilation, groups)
         elif path == "plain":
-            out = torch.cat([F.conv2d(x[b:b + 1], weight[b], None, stride, padding, dilation, groups)
-                             for b in range(batch)])
+            per_sample = bias is not None and bias.dim() == 2
+            out = torch.cat([F.conv2d(x[b:b + 1], weight[b], bias[b] if per_sample else bias, stride, padding,
+                                      dilation, groups) for b in range(batch)])
         else:
-            out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weight.reshape(-1, *weight.shape[2:]), None,
+            if bias is not None:  # sample-major, as the batch is folded into the groups
+                bias = bias.reshape(-1) if bias.dim() == 2 else bias.repeat(batch)
+            out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weight.reshape(-1, *weight.shape[2:]), bias,
                            stride, padding, dilation, groups * batch)
             out = out.reshape(batch, c_out, *out.shape[2:])
     return out

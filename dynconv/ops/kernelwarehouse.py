@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.fx._symbolic_trace import is_fx_tracing
 
-from .._compat import autocast_enabled
+from .._compat import autocast_enabled, is_exporting
 from ..backbones import CONVNEXT, GENERIC, MOBILENETV2, RESNET, ConvSite, get_submodule, set_submodule
 from ..schedules import warehouse_mixing
 from ._base import DynamicConv2dBase, IntOrPair, Padding, refuse_scripting
@@ -532,7 +532,7 @@ class KWConv2d(DynamicConv2dBase):
                 "KWConv2d has no cells yet: its WarehouseManager must run store() and allocate(model) "
                 "(dynconv.convert does this)"
             )
-        if not torch.is_grad_enabled() and not is_fx_tracing() and not tracing() and x.shape[0] == 1:
+        if not torch.is_grad_enabled() and not is_fx_tracing() and not is_exporting() and x.shape[0] == 1:
             return self._forward_one(x)
         attention = self.attention(x)
         if is_fx_tracing():

@@ -18,7 +18,7 @@ from torch.fx._symbolic_trace import is_fx_tracing
 from ..schedules import attention_temperature
 from ._base import DynamicConv2dBase, IntOrPair, Padding
 from ._norm import SafeBatchNorm2d
-from ._recompute import tracing
+from .._compat import is_exporting
 from ._routing import TemperatureScheduled, global_pool
 from .functional import per_sample_conv2d
 
@@ -119,7 +119,7 @@ class ODConv2d(DynamicConv2dBase):
             nn.init.kaiming_normal_(self.weight[i], mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and not is_fx_tracing() and not tracing() and x.shape[0] == 1:
+        if not torch.is_grad_enabled() and not is_fx_tracing() and not is_exporting() and x.shape[0] == 1:
             return self._forward_one(x)
         a_c, a_f, a_s, a_w = self.attention(x)
         if a_s is None and a_w is None:
