@@ -38,3 +38,35 @@ def test_latency_table_rows_and_merge(tmp_path):
     table = (tmp_path / "bench_cpu.md").read_text()
     assert table.count("\n| resnet18 |") == 3
     assert "(<= 1.15)" in table and "(<= 1.3)" in table  # the bound target, and the 1x variants' static one
+
+
+def test_compiled_models_side_by_side_all_stay_compiled():
+    """The compiled column times every model compiled: models that share their ``forward``'s code object (all
+    of one timm arch do) each keep a cache entry, where dynamo alone keeps 8 and runs the rest eagerly."""
+    import torch
+    from torch import nn
+    from torch._dynamo.utils import counters
+
+    from dynconv.benchmark import _compiled_side_by_side
+
+    class Scaled(nn.Module):
+        def __init__(self, k: int) -> None:
+            super().__init__()
+            self.k = k
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.k
+
+    # a class per model, as create_model makes one per variant: the guards on the module's type differ
+    models = [type(f"Scaled{k}", (Scaled,), {})(k) for k in range(12)]
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.ones(2)
+    with _compiled_side_by_side(len(models)):
+        compiled = [torch.compile(m, backend="eager") for m in models]
+        for _ in range(2):  # round-robin, as the benchmark times them
+            for k, fn in enumerate(compiled):
+                assert fn(x).tolist() == [k, k]
+    assert counters["frames"]["ok"] == len(models)
+    assert not any("recompile limit" in reason for reason in counters["unimplemented"])
+    torch._dynamo.reset()
