@@ -162,6 +162,19 @@ def test_torchscript_still_scripts_the_attention_baselines():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("conv", ["kw_1d4x", "odconv_4x"])
+def test_deployed_batch_one_compiles_with_inductor(conv):
+    """A deployed model at batch 1 under the default backend (C++ code generation), as the latency benchmark
+    compiles it: ODConv's and KernelWarehouse's batch-1 paths, which the compiler traces, including KW's
+    kernel assembly from its permuted cells (which inductor rejected written into a view with ``out=``)."""
+    torch.manual_seed(0)
+    model = dynconv.deploy(dynconv.create_model("resnet18", conv, num_classes=10).eval())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("conv", FAMILIES)
 def test_compile_fullgraph_at_real_sizes(conv):
     """ResNet18 at 224 px, batch 1 and 4, forward and backward, without a graph break: the per-shape conv

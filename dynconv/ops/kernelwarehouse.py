@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.fx._symbolic_trace import is_fx_tracing
 
-from .._compat import autocast_enabled, is_exporting
+from .._compat import autocast_enabled, is_compiling, is_exporting
 from ..backbones import CONVNEXT, GENERIC, MOBILENETV2, RESNET, ConvSite, get_submodule, set_submodule
 from ..schedules import warehouse_mixing
 from ._base import DynamicConv2dBase, IntOrPair, Padding, refuse_scripting
@@ -559,14 +559,18 @@ class KWConv2d(DynamicConv2dBase):
             self.blocks_spatial, self.blocks_out, self.blocks_in, c_out, c_in)
         # mixture rows (taps, O, I) of (c_out, c_in) cells -> (O, c_out, I, c_in, taps): the kernel's layout
         cells = cells.permute(1, 3, 2, 4, 0)
-        kernel = torch.empty(self.out_channels, self.in_channels // self.groups, *self.kernel_size,
-                             dtype=cells.dtype, device=cells.device)
-        target = kernel.view(cells.shape)
+        shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
         scale = getattr(self, "out_scale", None)
-        if scale is None:
-            target.copy_(cells)
+        scale = scale.reshape(self.blocks_out, c_out, 1, 1, 1) if scale is not None else None
+        if is_compiling():  # the compiler fuses the product into the copy (inductor rejects the out= view)
+            kernel = (cells if scale is None else cells * scale).reshape(shape)
         else:
-            torch.mul(cells, scale.reshape(self.blocks_out, c_out, 1, 1, 1), out=target)
+            kernel = torch.empty(shape, dtype=cells.dtype, device=cells.device)
+            target = kernel.view(cells.shape)
+            if scale is None:
+                target.copy_(cells)
+            else:
+                torch.mul(cells, scale, out=target)
         return per_sample_conv2d(x, kernel, self.bias, **self._conv_kwargs())
 
     def mixture_cells(self, attention: torch.Tensor) -> torch.Tensor:
