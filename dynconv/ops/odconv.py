@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from torch.fx._symbolic_trace import is_fx_tracing
 
+from .._compat import is_exporting
 from ..schedules import attention_temperature
 from ._base import DynamicConv2dBase, IntOrPair, Padding
 from ._norm import SafeBatchNorm2d
-from .._compat import is_exporting
 from ._routing import TemperatureScheduled, global_pool
 from .functional import per_sample_conv2d
 

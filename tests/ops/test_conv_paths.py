@@ -37,17 +37,18 @@ CASES = {  # (C_in, C_out, size, kernel, stride, padding, dilation, groups)
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("kind", ["per-sample", "shared + taps", "per-sample + taps + bias"])
+@pytest.mark.parametrize("kind", ["per-sample", "shared + taps", "per-sample + taps + bias", "shared + shared bias",
+                                  "one sample + bias"])
 def test_every_path_equals_the_reference_with_gradients(path, case, kind):
     c_in, c_out, size, kernel, stride, padding, dilation, groups = CASES[case]
     torch.manual_seed(0)
-    batch = 3
+    batch = 1 if kind.startswith("one sample") else 3
     opts = dict(dtype=torch.float64, requires_grad=True)
     x = torch.randn(batch, c_in, *size, **opts)
     shape = (c_out, c_in // groups, *kernel)
     weight = torch.randn(shape if kind.startswith("shared") else (batch, *shape), **opts)
     taps = torch.rand(batch, kernel[0] * kernel[1], **opts) if "taps" in kind else None
-    bias = torch.randn(batch, c_out, **opts) if "bias" in kind else None
+    bias = torch.randn(*(() if "shared bias" in kind else (batch,)), c_out, **opts) if "bias" in kind else None
     args = (stride, padding, dilation, groups)
     got = per_sample_conv2d(x, weight, bias, *args, tap_scale=taps, path=path)
     expected = reference(x, weight, bias, *args, taps)
