@@ -21,8 +21,8 @@ Not folded (no exact fold exists): BatchNorms after a ReLU or a residual sum (DG
 ResNet), LayerNorms (ConvNeXt, KernelWarehouse's ConvNeXt attention), BatchNorms that still normalise with
 batch statistics (an untrained DCD / DGC model), ODConv's channel and filter attentions (input-dependent
 scalings of the input and output; they stay elementwise multiplies). Input-independent work is done once:
-ODConv's attention heads are stacked into one matrix with the temperature in it
-(:mod:`dynconv.fused_attention`), and a warm-up forward builds DGC's weight layout and IC-Conv's packed
+the ODConv, DY-Conv and KernelWarehouse attentions take an inference form with their BatchNorm and
+temperature folded into their matrices (:mod:`dynconv.fused_attention`), and a warm-up forward builds DGC's weight layout and IC-Conv's packed
 kernels, which the frozen parameters keep cached.
 
 The deployed model is for inference only: it is in eval mode, its parameters do not require gradients,

@@ -32,6 +32,11 @@ from .ops.odconv import ODAttention
 __all__ = ["FusedDYAttention", "FusedKWAttention", "FusedODAttention", "fuse_attentions"]
 
 
+def _bias(layer: nn.Module) -> torch.Tensor:
+    """The bias of an FC or 1x1 conv, zeros where it has none (one output per row of its weight)."""
+    return layer.bias if layer.bias is not None else layer.weight.new_zeros(layer.weight.shape[0])
+
+
 class FusedODAttention(ODAttention):
     """An :class:`~dynconv.ops.odconv.ODAttention` whose hidden layer and heads are stacked matrices, with the
     folded BatchNorm and the temperature at adoption inside them. Inference only: a later temperature change
@@ -55,8 +60,8 @@ class FusedODAttention(ODAttention):
         t = attention.temperature
         with torch.no_grad():
             weight = torch.cat([h.weight.flatten(1) for h in heads]) / t
-            bias = torch.cat([h.bias if h.bias is not None else h.weight.new_zeros(h.out_channels) for h in heads]) / t
-            hidden_bias = fc.bias if fc.bias is not None else fc.weight.new_zeros(fc.out_channels)
+            bias = torch.cat([_bias(h) for h in heads]) / t
+            hidden_bias = _bias(fc)
             attention.__class__ = cls
             # not persistent: the state dict stays the module form's
             attention.register_buffer("hidden_weight", fc.weight.flatten(1).t().contiguous(), persistent=False)
@@ -94,8 +99,7 @@ class FusedDYAttention(DYAttention):
             return False
         t = attention.temperature
         with torch.no_grad():
-            bias = attention.fc2.bias if attention.fc2.bias is not None else attention.fc2.weight.new_zeros(
-                attention.fc2.out_features)
+            bias = _bias(attention.fc2)
             attention.__class__ = cls
             attention.register_buffer("hidden_weight", attention.fc1.weight.t().contiguous(), persistent=False)
             attention.register_buffer("head_weight", (attention.fc2.weight / t).t().contiguous(), persistent=False)
@@ -128,9 +132,9 @@ class FusedKWAttention(KWAttention):
             attention.__class__ = cls
             for name, value in (
                 ("hidden_weight", fc1.weight.t()),
-                ("hidden_bias", fc1.bias if fc1.bias is not None else fc1.weight.new_zeros(fc1.out_features)),
+                ("hidden_bias", _bias(fc1)),
                 ("head_weight", fc2.weight.t()),
-                ("head_bias", fc2.bias if fc2.bias is not None else fc2.weight.new_zeros(fc2.out_features)),
+                ("head_bias", _bias(fc2)),
                 ("offset", tau * attention.temp_bias),
             ):
                 attention.register_buffer(name, value.detach().contiguous().clone(), persistent=False)
@@ -149,16 +153,11 @@ class FusedKWAttention(KWAttention):
         return z[..., :-1].reshape(-1, self.num_cells)
 
 
-_FUSED = (FusedODAttention, FusedDYAttention, FusedKWAttention)
+_FUSED = {ODAttention: FusedODAttention, DYAttention: FusedDYAttention, KWAttention: FusedKWAttention}
 
 
 def fuse_attentions(model: nn.Module) -> List[str]:
     """Puts every attention of ``model`` that has an inference form in it (ODConv's whose BatchNorm is folded,
     DY-Conv's, KernelWarehouse's whose BatchNorm is folded); returns their paths."""
-    fused = []
-    for name, m in model.named_modules():
-        for cls in _FUSED:
-            if isinstance(m, cls.__mro__[1]) and cls.adopt(m):
-                fused.append(name)
-                break
-    return fused
+    return [name for name, m in model.named_modules()
+            if any(isinstance(m, base) and fused.adopt(m) for base, fused in _FUSED.items())]
