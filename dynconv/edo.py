@@ -4,7 +4,7 @@ Liu et al., "Inception Convolution with Efficient Dilation Search", CVPR 2021, a
 Section 3.2 and Fig. 2. The search code was never released (yifan123/IC-Conv issues #1, #3); this
 follows the paper's description and the author's answers (issues #5, #9):
 
-1. :func:`build_supernet`: every layer IC-Conv would replace (:func:`~dynconv.ops.icconv.icconv_sites`)
+1. :func:`build_supernet`: every layer IC-Conv would replace (:func:`~dynconv.surgery.icconv.icconv_sites`)
    becomes a dense :class:`SupernetConv2d` covering the whole dilation grid (9x9 for 3x3 kernels and the
    "k9" grid, 13x13 for "k13"); :func:`train_supernet` pre-trains it (by default for a full ImageNet
    schedule: "first train the net with 9x9 convs, then generate the patterns", issue #5).
@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import conv_sites, detect_backbone, get_submodule, set_submodule
-from .ops.icconv import Dilation, InceptionConv2d, Pattern, convert_icconv, dilation_grid, icconv_sites, save_patterns
+from .surgery.sites import conv_sites, detect_backbone, get_submodule, set_submodule
+from .ops.icconv import Dilation, InceptionConv2d, Pattern
+from .patterns import dilation_grid, save_patterns
+from .surgery.icconv import convert_icconv, icconv_sites
 
 Grid = Union[str, int]
 
@@ -108,7 +110,7 @@ def _tap_index(k: int, d: int, d_max: int) -> torch.Tensor:
 
 def tap_masks(base_kernel_size: Tuple[int, int], grid: Grid = "k9") -> torch.Tensor:
     """``[P, E_h, E_w]`` booleans: which supernet taps the dilated ``k x k`` kernel of each grid dilation
-    (in :func:`~dynconv.ops.icconv.dilation_grid` order) uses."""
+    (in :func:`~dynconv.patterns.dilation_grid` order) uses."""
     dilations = dilation_grid(grid)
     d_max = max(max(d) for d in dilations)
     size = [(k - 1) * d_max + 1 for k in base_kernel_size]

@@ -15,7 +15,7 @@ from timm.models.resnet import ResNet
 from torch import nn
 
 from .registry import ConvVariant, get_variant
-from .backbones import set_submodule
+from .surgery.sites import set_submodule
 from .schedules import drive_schedules
 from .surgery import convert
 
@@ -60,10 +60,8 @@ def _arch_defaults(variant: ConvVariant, arch: str) -> Dict[str, Any]:
 
 def family_option_names(family: str) -> set:
     """Option names a family accepts (everything else in ``create_model`` goes to timm)."""
-    from .surgery import _CONVERTERS  # noqa: F401  (families are defined there)
-
     if family == "kw":
-        from .ops.kernelwarehouse import KW_OPTIONS
+        from .surgery.kernelwarehouse import KW_OPTIONS
 
         return set(KW_OPTIONS)
     if family == "attention":

@@ -49,7 +49,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .backbones import CONVNEXT, MOBILENETV2, RESNET, detect_backbone
+from .surgery.sites import CONVNEXT, MOBILENETV2, RESNET, detect_backbone
 from .ops._routing import schedule_state_keys
 from .ops.dgc import DGCConv2d
 from .registry import get_variant

@@ -22,7 +22,7 @@ import timm
 import torch
 
 from dynconv import edo
-from dynconv.ops.icconv import load_patterns
+from dynconv.patterns import load_patterns
 
 # What an unset option means. The paper's search: ImageNet at 224 px, ResNet50, supernet pre-trained for
 # the full schedule (dynconv.edo.SUPERNET_EPOCHS and the learning rate at batch 256 scaled linearly).

@@ -18,7 +18,9 @@ from dynconv.detection import create_detector
 from dynconv.engine.config import apply_row
 from dynconv.engine.detection import build_detector
 from dynconv.engine.optim import build_optimizer
-from dynconv.ops.icconv import InceptionConv2d, load_patterns, official_task_patterns
+from dynconv.ops.icconv import InceptionConv2d
+from dynconv.patterns import load_patterns
+from dynconv.surgery.icconv import official_task_patterns
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

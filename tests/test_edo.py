@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynconv import edo
-from dynconv.ops.icconv import InceptionConv2d, dilation_grid, load_patterns
+from dynconv.ops.icconv import InceptionConv2d
+from dynconv.patterns import dilation_grid, load_patterns
 
 
 def planted(base_k, grid, per_pattern=2, c_in=3, dtype=torch.float64):

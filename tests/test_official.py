@@ -529,7 +529,7 @@ def _ic_resnet50_keys(patterns) -> Shapes:
 
 
 def test_ic_resnet50_layout_matches_official_definition():
-    from dynconv.ops.icconv import load_patterns, official_pattern_path
+    from dynconv.patterns import load_patterns, official_pattern_path
 
     raw = json.loads(official_pattern_path("detection_ic_resnet50_k9").read_text())
     state = export_official(_build("resnet50", "icconv"))

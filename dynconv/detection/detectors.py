@@ -212,7 +212,7 @@ def _icconv_task_patterns(detector: str, arch: str, conv: str, options: Dict[str
 
     if get_variant(conv).family != "icconv" or "patterns" in options:
         return options
-    from ..ops.icconv import official_task_patterns
+    from ..surgery.icconv import official_task_patterns
 
     name = official_task_patterns(arch, "segmentation" if detector == "mask_rcnn" else "detection")
     return {**options, "patterns": name} if name else options

@@ -12,11 +12,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import dynconv
-from dynconv.backbones import conv_sites, detect_backbone
-from dynconv.ops.icconv import (
-    IMPLS,
-    InceptionConv2d,
-    convert_icconv,
+from dynconv.ops.icconv import IMPLS, InceptionConv2d
+from dynconv.patterns import (
     default_patterns,
     dilation_grid,
     load_patterns,
@@ -24,6 +21,8 @@ from dynconv.ops.icconv import (
     official_pattern_path,
     save_patterns,
 )
+from dynconv.surgery.icconv import convert_icconv
+from dynconv.surgery.sites import conv_sites, detect_backbone
 
 
 def reference(layer: InceptionConv2d, x: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 This is the only per-backbone code in dynconv: a resolver per family of backbones maps module paths
 to (role, stage, block, position). Which sites a conv variant makes dynamic is decided from these
-records by :mod:`dynconv.rules`; models themselves are never forked.
+records by :mod:`dynconv.surgery.rules`; models themselves are never forked.
 
 Stage numbering follows the official code of the methods: ResNet ``layer1`` is stage 0, timm's
 MobileNetV2 ``blocks.i`` is stage ``i``, ConvNeXt ``stages.i`` is stage ``i``.

@@ -34,19 +34,19 @@
   ``min(C_in, C_out) > 16`` and the kernel size is 1 or 3 (``use_fdconv_if_c_gt``, ``use_fdconv_if_k_in``; the
   7x7 RGB stem never qualifies; ``use_fdconv_if_stride_in`` is accepted but never read, so the stride-2
   3x3s are converted too). Here the site rule says "block convs" and the converter applies the size test
-  (``dynconv.surgery``), together the official set: all 48 Bottleneck convs of ResNet-50 (+3.65M). No
+  (:mod:`dynconv.surgery.convert`), together the official set: all 48 Bottleneck convs of ResNet-50 (+3.65M). No
   official model exists for BasicBlock ResNets, MobileNetV2 or ConvNeXt; the same two tests are applied to
   the analogous convs: every BasicBlock conv; MobileNetV2's expansion, projection and final 1x1 convs (the
   depthwise 3x3s are grouped, which FDW's full kernel matrix cannot hold); ConvNeXt's pointwise MLP convs
   (the depthwise 7x7s fail both tests).
-- KernelWarehouse has its own plan with warehouse names (:mod:`dynconv.ops.kernelwarehouse`).
+- KernelWarehouse has its own plan with warehouse names (:mod:`dynconv.surgery.kernelwarehouse`).
 - Generic CNNs (any other model): every ``nn.Conv2d`` but the first one (the stem).
 """
 from __future__ import annotations
 
 from typing import Callable, Dict
 
-from .backbones import CONVNEXT, GENERIC, MOBILENETV2, RESNET, ConvSite
+from .sites import CONVNEXT, GENERIC, MOBILENETV2, RESNET, ConvSite
 
 SiteRule = Callable[[ConvSite], bool]
 

@@ -1,7 +1,7 @@
 """``convert``: in-place replacement of a model's convolutions by a conv variant.
 
 Surgery, not forks: the model is walked, the sites chosen by the per-backbone rules
-(:mod:`dynconv.rules`) are rebuilt with the family's ``from_conv`` and set back on their parents.
+(:mod:`dynconv.surgery.rules`) are rebuilt with the family's ``from_conv`` and set back on their parents.
 """
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ from typing import Any, Callable, Dict, List, Tuple
 
 from torch import nn
 
-from .backbones import GENERIC, MOBILENETV2, RESNET, ConvSite, conv_sites, detect_backbone, get_submodule, set_submodule
-from .ops.attention_baselines import insert_residual_attention
-from .ops.condconv import CondConv2d
-from .ops.dcd import DCDConv2d, DCDLinear, mobilenetv2_dims
-from .ops.dgc import DGCConv2d
-from .ops.dyconv import DynamicConv2d
-from .ops.fdconv import FDConv2d
-from .ops.odconv import ODConv2d
-from .registry import get_variant
+from ..ops.condconv import CondConv2d
+from ..ops.dcd import DCDConv2d, DCDLinear, mobilenetv2_dims
+from ..ops.dgc import DGCConv2d
+from ..ops.dyconv import DynamicConv2d
+from ..ops.fdconv import FDConv2d
+from ..ops.odconv import ODConv2d
+from ..registry import get_variant
+from ..schedules import attention_temperature, dgc_pruning
+from .attention import insert_residual_attention
 from .rules import LAYER_RULES
-from .schedules import attention_temperature, dgc_pruning
+from .sites import GENERIC, MOBILENETV2, RESNET, ConvSite, conv_sites, detect_backbone, get_submodule, set_submodule
 
 VARIANT_ATTR = "dynconv_variant"
 
@@ -163,13 +163,13 @@ def _attention_converter(model, sites, backbone, options):
 
 
 def _kw_converter(model, sites, backbone, options):
-    from .ops.kernelwarehouse import convert_kernelwarehouse
+    from .kernelwarehouse import convert_kernelwarehouse
 
     return convert_kernelwarehouse(model, sites, backbone, **options)
 
 
 def _icconv_converter(model, sites, backbone, options):
-    from .ops.icconv import convert_icconv
+    from .icconv import convert_icconv
 
     return convert_icconv(model, sites, backbone, options)
 
