@@ -3,14 +3,15 @@ on timm backbones, with the papers' layer rules, schedules and parameter counts.
 
 Importing the package registers every (variant, arch) pair with timm (``odconv4x_resnet18``).
 """
-from . import _timm  # noqa: F401  (registers the timm entrypoints)
+from .registry import ConvVariant, Family, Variant, get_family, get_variant, list_convs, list_families, register_family
+from . import families  # noqa: F401,E402  (registers the built-in conv families, in table order)
+from . import _timm  # noqa: F401,E402  (registers the timm entrypoints)
 from .auxiliary import auxiliary_loss
 from .deploy import deploy
 from .accounting import count_macs, count_params, macs_breakdown
 from .models import ARCHS, create_model, list_archs
 from .official import ImportReport, export_official, import_official
 from .pretrained import PretrainedReport, init_from_static
-from .registry import get_variant, list_convs
 from .schedules import UndrivenScheduleWarning, drive_schedules, set_progress
 from .surgery import ConvertReport, convert
 
@@ -18,10 +19,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ARCHS",
+    "ConvVariant",
     "ConvertReport",
+    "Family",
     "ImportReport",
     "PretrainedReport",
     "UndrivenScheduleWarning",
+    "Variant",
     "auxiliary_loss",
     "convert",
     "count_macs",
@@ -30,11 +34,14 @@ __all__ = [
     "deploy",
     "drive_schedules",
     "export_official",
+    "get_family",
     "get_variant",
     "import_official",
     "init_from_static",
     "list_archs",
     "list_convs",
+    "list_families",
     "macs_breakdown",
+    "register_family",
     "set_progress",
 ]

@@ -29,7 +29,7 @@ from timm.models._registry import generate_default_cfgs
 from torch import nn
 
 from .models import ARCHS, create_model
-from .registry import get_variant, list_convs
+from .registry import Family, family_with_layer, get_family, get_variant, on_register, registered_families
 from .schedules import drive_schedules
 
 _FEATURE_ARGS = ("out_indices", "feature_cls", "output_fmt", "flatten_sequential", "feature_cfg", "no_rewrite")
@@ -57,35 +57,23 @@ def _default_layer_names(conv: str, arch: str, base: PretrainedCfg) -> Tuple[Nam
     dynamic classifier has three ``num_classes``-wide layers.
     """
     variant = get_variant(conv)
-    first_conv, classifier = base.first_conv, base.classifier
-    if variant.family == "kw" and not arch.startswith("resnet"):
-        first_conv = f"{first_conv}.attention.fc1"
-    if variant.name == "kw_1d2x" and arch.startswith("mobilenetv2"):
-        classifier = f"{classifier}.conv.attention.fc2"
-    if variant.family == "dcd":
-        classifier = _dcd_classifier_names(classifier)
-    return first_conv, classifier
-
-
-def _dcd_classifier_names(path: str) -> Tuple[str, ...]:
-    return (f"{path}.cls", f"{path}.cls_p", f"{path}.fc_scale")
+    family = get_family(variant.family)
+    if family.timm_names is None:
+        return base.first_conv, base.classifier
+    return family.timm_names(variant, arch, base.first_conv, base.classifier)
 
 
 def _resolve_layer(model: nn.Module, path: str) -> Names:
-    """``path`` itself when it is a plain layer, else the layers of a dynamic one that carry its width."""
-    from .ops.dcd import DCDLinear
-    from .ops.kernelwarehouse import KWConv2d, KWLinear
-
+    """``path`` itself when it is a plain layer, else the layers of a dynamic one that carry its width
+    (:attr:`dynconv.Family.width_layers`)."""
     try:
         module = model.get_submodule(path)
     except AttributeError:
         return path
-    if isinstance(module, KWConv2d):
-        return f"{path}.attention.fc1"
-    if isinstance(module, KWLinear):
-        return f"{path}.conv.attention.fc2"
-    if isinstance(module, DCDLinear):
-        return _dcd_classifier_names(path)
+    family = family_with_layer(type(module))
+    for cls, names in (family.width_layers.items() if family is not None else ()):
+        if isinstance(module, cls):
+            return names(path)
     return path
 
 
@@ -167,14 +155,10 @@ def register_fx_leaves() -> None:
     global _FX_REGISTERED
     if _FX_REGISTERED:
         return
-    from .ops import condconv, dcd, dgc, dyconv, fdconv, icconv, kernelwarehouse, odconv
     from .ops._norm import SafeBatchNorm1d, SafeBatchNorm2d
 
-    leaves = [
-        condconv.CondConv2d, dyconv.DynamicConv2d, odconv.ODConv2d, dcd.DCDConv2d, dcd.DCDLinear,
-        dgc.DGCConv2d, icconv.InceptionConv2d, kernelwarehouse.KWAttention, SafeBatchNorm1d, SafeBatchNorm2d,
-        fdconv.FDConv2d,
-    ]  # (the SE / CBAM / ECA baselines are timm modules, traceable as they are)
+    # (the SE / CBAM / ECA baselines are timm modules, traceable as they are)
+    leaves = [cls for family in registered_families() for cls in family.leaves] + [SafeBatchNorm1d, SafeBatchNorm2d]
     for cls in leaves:
         register_notrace_module(cls)
     _FX_REGISTERED = True
@@ -221,18 +205,23 @@ def _base_names(arch: str) -> Tuple[Names, Names]:
     return base.first_conv, base.classifier
 
 
-def _registered_pairs() -> List[Tuple[str, str]]:
-    return [(conv, arch) for conv in list_convs() if conv != "static" for arch in ARCHS]
+def _registered_pairs(families: Optional[List[Family]] = None) -> List[Tuple[str, str]]:
+    families = registered_families() if families is None else families
+    return [(v.name, arch) for family in families if not family.is_identity for v in family.variants for arch in ARCHS]
 
 
 # register_model reads the entrypoint module's ``default_cfgs`` (timm's convention for model files).
 default_cfgs = generate_default_cfgs({timm_name(c, a): default_cfg(c, a) for c, a in _registered_pairs()})
 
 
-def register_all() -> List[str]:
-    """Register every non-static (variant, arch) with timm; returns the names."""
+def register_all(families: Optional[List[Family]] = None) -> List[str]:
+    """Register every (variant, arch) of ``families`` (default: every registered one) with timm, the unmodified
+    ``static`` backbones excepted; returns the names."""
+    pairs = _registered_pairs(families)
+    if families is not None:  # registered after import: their configs join timm's registry the same way
+        default_cfgs.update(generate_default_cfgs({timm_name(c, a): default_cfg(c, a) for c, a in pairs}))
     names = []
-    for conv, arch in _registered_pairs():
+    for conv, arch in pairs:
         fn = _entrypoint(conv, arch)
         globals()[fn.__name__] = fn
         register_model(fn)
@@ -240,5 +229,12 @@ def register_all() -> List[str]:
     return names
 
 
+def _register_new_family(family: Family) -> None:
+    REGISTERED.extend(register_all([family]))
+    for cls in family.leaves if _FX_REGISTERED else ():
+        register_notrace_module(cls)
+
+
 REGISTERED = register_all()
 register_fx_leaves()
+on_register(_register_new_family)

@@ -51,8 +51,7 @@ from torch import nn
 
 from .surgery.sites import CONVNEXT, MOBILENETV2, RESNET, detect_backbone
 from .ops._routing import schedule_state_keys
-from .ops.dgc import DGCConv2d
-from .registry import get_variant
+from .registry import families_with, get_family, get_variant
 from .schedules import set_progress
 
 ODCONV, KW, DCD, DGC, ICCONV, FDCONV, STATE_DICT = "odconv", "kw", "dcd", "dgc", "icconv", "fdconv", "state_dict"
@@ -99,8 +98,8 @@ class ImportReport:
 
 
 @dataclass(frozen=True)
-class _Layout:
-    """How one dynconv model's state dict is named in the official code."""
+class Layout:
+    """How one dynconv model's state dict is named in the official code (a family's ``official_layout`` gives it)."""
 
     name: str
     renames: Dict[str, str]  # dynconv module path -> official module path (longest prefix wins)
@@ -115,7 +114,7 @@ class _Layout:
         return key
 
 
-def _same_shape(key: str, shape: torch.Size) -> torch.Size:
+def same_shape(key: str, shape: torch.Size) -> torch.Size:
     return shape
 
 
@@ -192,49 +191,76 @@ def _convnext_shapes(dynamic: bool) -> Callable[[str, torch.Size], torch.Size]:
     return shape
 
 
+def only_on(family: str, backbone: str, *supported: str) -> None:
+    """Raise unless the official code of ``family`` has a ``backbone`` model."""
+    if backbone not in supported:
+        raise ValueError(f"the official {family} code has no {backbone} model, so there is no official layout")
+
+
+def _odconv_or_kw(name: str, model: nn.Module, backbone: str, kw_model: bool) -> Layout:
+    if backbone == RESNET:
+        return Layout(name, {}, same_shape)
+    if backbone == MOBILENETV2:
+        # kw_mobilenetv2 has a bare Linear classifier; kw1d2x_mobilenetv2 a Sequential(Dropout, KWLinear).
+        bare = kw_model and isinstance(model.classifier, nn.Linear)
+        return Layout(name, _mobilenetv2_renames(model, bare), same_shape)
+    return Layout(name, _convnext_renames(model), _convnext_shapes(kw_model))
+
+
+def static_layout(model: nn.Module, backbone: str) -> Layout:
+    """A static model as the official code names it: OSVAI/ODConv's ResNet and MobileNetV2, OSVAI/KernelWarehouse's
+    ConvNeXt (the only one with a ConvNeXt)."""
+    return _odconv_or_kw(KW if backbone == CONVNEXT else ODCONV, model, backbone, kw_model=False)
+
+
+def odconv_layout(model: nn.Module, backbone: str) -> Layout:
+    """OSVAI/ODConv ``models/od_resnet.py``, ``od_mobilenetv2.py``."""
+    only_on("odconv", backbone, RESNET, MOBILENETV2)
+    return _odconv_or_kw(ODCONV, model, backbone, kw_model=False)
+
+
+def kw_layout(model: nn.Module, backbone: str) -> Layout:
+    """OSVAI/KernelWarehouse ``models/kw_*.py``."""
+    return _odconv_or_kw(KW, model, backbone, kw_model=True)
+
+
+def dcd_layout(model: nn.Module, backbone: str) -> Layout:
+    """liyunsheng13/dcd ``models/imagenet/*_dcd.py``."""
+    only_on("dcd", backbone, RESNET, MOBILENETV2)
+    if backbone == RESNET:  # ResNet_dcd: classifier = Sequential(DYCls) (dropout=None, the default)
+        return Layout(DCD, {"fc": "classifier.0"}, same_shape)
+    return Layout(DCD, _dcd_mobilenetv2_renames(model), same_shape)
+
+
 def _family(model: nn.Module) -> Tuple[str, str]:
     variant = getattr(model, "dynconv_variant", "static")
     return variant, get_variant(variant).family
 
 
-def _layout(model: nn.Module) -> _Layout:
-    variant, family = _family(model)
+def _supported() -> str:
+    parts = []
+    for family in families_with("official_layout"):
+        names = [v.name for v in family.variants]
+        name = f"{names[0].rsplit('_', 1)[0]}_*" if len(names) > 1 else names[0]
+        parts.append(f"{name!r}" + (f" ({family.official_repo})" if family.name != "static" else ""))
+    return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else "".join(parts)
+
+
+def _layout(model: nn.Module) -> Layout:
+    variant, family_name = _family(model)
+    family = get_family(family_name)
     backbone = detect_backbone(model)
-    if family not in ("static", "odconv", "kw", "dcd", "dgc", "icconv", "fdconv"):
+    if family.official_layout is None:
         raise ValueError(
             f"no official checkpoint layout for conv variant {variant!r}: import_official/export_official "
-            "support 'static', 'odconv_*' (OSVAI/ODConv), 'kw_*' (OSVAI/KernelWarehouse), 'dcd' "
-            "(liyunsheng13/dcd), 'dgc' (zhuogege1943/dgc), 'icconv' (yifan123/IC-Conv) and 'fdconv' "
-            "(Linwei-Chen/FDConv) models"
+            f"support {_supported()} models"
         )
     if backbone not in (RESNET, MOBILENETV2, CONVNEXT):
         raise ValueError(
             f"no official checkpoint layout for a {backbone} backbone ({type(model).__name__}); "
             "supported: ResNet, MobileNetV2, ConvNeXt models from dynconv.create_model"
         )
-    if family in ("odconv", "dcd", "dgc", "icconv") and backbone == CONVNEXT or \
-            family in ("dgc", "icconv", "fdconv") and backbone != RESNET:
-        raise ValueError(f"the official {family} code has no {backbone} model, so there is no official layout")
-    if family == "dgc":
-        renames = {f"{name}.1": f"{name}.1.norm" for name, m in model.named_modules()
-                   if name.endswith(".downsample") and isinstance(m[0], DGCConv2d)}
-        return _Layout(DGC, renames, _same_shape)
-    if family == "icconv":
-        return _Layout(ICCONV, {}, _same_shape)
-    if family == "fdconv":
-        return _Layout(FDCONV, {}, _same_shape)
-    if family == "dcd":
-        if backbone == RESNET:  # ResNet_dcd: classifier = Sequential(DYCls) (dropout=None, the default)
-            return _Layout(DCD, {"fc": "classifier.0"}, _same_shape)
-        return _Layout(DCD, _dcd_mobilenetv2_renames(model), _same_shape)
-    name = ODCONV if family == "odconv" or (family == "static" and backbone != CONVNEXT) else KW
-    if backbone == RESNET:
-        return _Layout(name, {}, _same_shape)
-    if backbone == MOBILENETV2:
-        # kw_mobilenetv2 has a bare Linear classifier; kw1d2x_mobilenetv2 a Sequential(Dropout, KWLinear).
-        bare = family == "kw" and isinstance(model.classifier, nn.Linear)
-        return _Layout(name, _mobilenetv2_renames(model, bare), _same_shape)
-    return _Layout(name, _convnext_renames(model), _convnext_shapes(family == "kw"))
+    return family.official_layout(model, backbone)
 
 
 def _describe(model: nn.Module) -> str:

@@ -51,15 +51,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .checkpoint import CheckpointError, checkpoint_num_classes, load_checkpoint, load_weights, unwrap_model
+from .archs import create_backbone
+from .fresh_statistics import FRESH_ATTR
 from .ops._scheduled import schedule_state_keys
-from .ops.condconv import CondConv2d
-from .ops.dcd import DCDConv2d, DCDLinear
-from .ops.dgc import DGCConv2d
-from .ops.dyconv import DynamicConv2d
-from .ops.fdconv import FDConv2d
-from .ops.icconv import InceptionConv2d
-from .ops.kernelwarehouse import KWConv2d, KWLinear, cell_assignment
-from .ops.odconv import ODConv2d
+from .registry import registered_families
 from .schedules import set_progress
 
 Source = Union[bool, str, "PathLike[str]", Mapping[str, Any]]
@@ -129,8 +124,6 @@ def load_static(arch: str, source: Source) -> Tuple[Dict[str, torch.Tensor], str
     the checkpoint's classifier width, so a checkpoint of another arch or conv fails naming its keys.
     ``source=True`` asks timm for its pretrained weights (needs network access or timm's cache).
     """
-    from .models import create_model
-
     if source is True:
         import timm
 
@@ -152,7 +145,7 @@ def load_static(arch: str, source: Source) -> Tuple[Dict[str, torch.Tensor], str
         classes = checkpoint_num_classes(obj)
     except (CheckpointError, KeyError, ValueError, TypeError) as err:
         raise CheckpointError(f"static checkpoint {where}: cannot find its classifier ({err})") from err
-    static = create_model(arch, "static", num_classes=classes)
+    static = create_backbone(arch, classes)
     try:
         loaded = load_weights(static, obj, expect={"arch": arch, "conv": "static"}, source_name=where)
     except CheckpointError as err:
@@ -161,261 +154,39 @@ def load_static(arch: str, source: Source) -> Tuple[Dict[str, torch.Tensor], str
 
 
 # -- per-family mappings ------------------------------------------------------------------------------------
-# A mapper gets the dynamic layer, its path, the static weight (C_out, C_in / g, kh, kw) and bias, and the
-# report; it fills the layer in place and records what it set. Keys it does not record count as new.
+# Each family says how its layers start from a static kernel (Family.from_static, in dynconv/families/). A mapper
+# gets the dynamic layer, its path, the static weight (C_out, C_in / g, kh, kw) and bias, and the report; it
+# fills the layer in place and records what it set. Keys it does not record count as new.
 
 Mapper = Callable[[nn.Module, str, torch.Tensor, Optional[torch.Tensor], PretrainedReport], None]
 
 
-def _set(param: torch.Tensor, value: torch.Tensor) -> None:
+def set_param(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy ``value`` into ``param`` (its dtype, device and shape)."""
     param.copy_(value.to(dtype=param.dtype, device=param.device).reshape(param.shape))
 
 
-def _copy_bias(layer: nn.Module, path: str, bias: Optional[torch.Tensor], report: PretrainedReport,
-               attr: str = "bias") -> None:
+def copy_bias(layer: nn.Module, path: str, bias: Optional[torch.Tensor], report: PretrainedReport,
+              attr: str = "bias") -> None:
+    """The static bias into the layer's ``attr``, where both exist."""
     own = getattr(layer, attr, None)
     if own is not None and bias is not None:
-        _set(own, bias)
+        set_param(own, bias)
         report.mapped[f"{path}.{attr}"] = f"{path}.bias"
 
 
-def _map_dyconv(layer: DynamicConv2d, path, weight, bias, report) -> None:
-    for i in range(layer.num_kernels):
-        _set(layer.weight[i], weight)
-    report.mapped[f"{path}.weight"] = f"{path}.weight in each of {layer.num_kernels} kernels"
-    if layer.bias is not None and bias is not None:
-        layer.bias.copy_(bias.expand_as(layer.bias))
-        report.mapped[f"{path}.bias"] = f"{path}.bias in each of {layer.num_kernels} kernels"
-    report._worsen("exact to rounding")
-
-
-def _map_condconv(layer: CondConv2d, path, weight, bias, report) -> None:
-    k = layer.num_experts
-    nn.init.zeros_(layer.routing.weight)
-    nn.init.zeros_(layer.routing.bias)  # every routing weight sigmoid(0) = 1/2, for every input
-    report.adjusted[f"{path}.routing.weight"] = "0"
-    report.adjusted[f"{path}.routing.bias"] = "0"
-    share = weight.to(layer.weight.dtype) * (2.0 / k)
-    noise = torch.randn_like(layer.weight) * (SYMMETRY_NOISE * share.std().clamp_min(1e-12))
-    layer.weight.copy_(share + (noise - noise.mean(0, keepdim=True)))  # the 1/2-weighted sum is W
-    report.mapped[f"{path}.weight"] = f"2/{k} * {path}.weight + zero-sum noise (std {SYMMETRY_NOISE} rel.)"
-    if layer.bias is not None:
-        layer.bias.copy_((bias if bias is not None else torch.zeros_like(layer.bias[0])).expand_as(layer.bias)
-                         * (2.0 / k))
-        report.mapped[f"{path}.bias"] = f"2/{k} * {path}.bias"
-    report._worsen("exact to rounding")
-    report.note("CondConv: routing starts at 0 (every expert weighted 1/2 for every input; official init: "
-                "random), experts 2/K W plus zero-sum noise that breaks their symmetry")
-
-
-def _map_odconv(layer: ODConv2d, path, weight, bias, report) -> None:
-    att = layer.attention
-    heads = 0
-    for name in ("channel_fc", "filter_fc", "spatial_fc"):
-        fc = getattr(att, name)
-        if fc is not None:  # sigmoid(0 / T) = 1/2 at every temperature
-            nn.init.zeros_(fc.weight)
-            nn.init.zeros_(fc.bias)
-            report.adjusted[f"{path}.attention.{name}.weight"] = "0"
-            report.adjusted[f"{path}.attention.{name}.bias"] = "0"
-            heads += 1
-    scale = float(2 ** heads)  # a power of two: the product with the halves is exact in floating point
-    for i in range(layer.kernel_num):
-        _set(layer.weight[i], weight * scale)
-    report.mapped[f"{path}.weight"] = f"{scale:g} * {path}.weight in each of {layer.kernel_num} kernels"
-    _copy_bias(layer, path, bias, report)
-    if layer.kernel_num > 1:
-        report._worsen("exact to rounding")  # the softmax weights sum to 1 up to rounding
-    report.note("ODConv: channel / filter / spatial heads start at 0 (each attention exactly 1/2 at any "
-                "temperature; official init: random), kernels 2^h W; the kernel attention keeps its official init")
-
-
-def _map_fdconv(layer: FDConv2d, path, weight, bias, report) -> None:
-    layer.set_kernel(weight)
-    report.mapped[f"{path}.dft_weight"] = (f"rfft2 of {path}.weight as a (C_out k, C_in k) matrix "
-                                           "/ (min(C_in, C_out) // 2)")
-    # The official conversion stops at dft_weight. Its heads then start at their init: normal(0, 1e-6)
-    # weights (each factor 1 to about 1e-5) except the filter head, whose kaiming weights the official
-    # _initialize_weights never reaches: 2 sigmoid(z) of a random z, so the converted net does not start at
-    # the static function. Zero weights make every factor exactly 1 (biases are 0 already).
-    heads = [f"KSM_Global.{name}" for name in ("channel_fc", "filter_fc", "spatial_fc", "kernel_fc")
-             if getattr(layer.KSM_Global, name) is not None]
-    if layer.KSM_Local is not None:
-        heads.append("KSM_Local.conv")
-    if layer.FBM is not None:
-        heads += [f"FBM.freq_weight_conv_list.{i}" for i in range(len(layer.FBM.freq_weight_conv_list))]
-    for name in heads:
-        conv = layer.get_submodule(name)
-        nn.init.zeros_(conv.weight)
-        report.adjusted[f"{path}.{name}.weight"] = "0"
-        if conv.bias is not None:
-            nn.init.zeros_(conv.bias)
-            report.adjusted[f"{path}.{name}.bias"] = "0"
-    _copy_bias(layer, path, bias, report)
-    report._worsen("exact to rounding")
-    report.note("FDConv: dft_weight from the static kernel (official conversion); the attention heads, the local "
-                "KSM conv and the FBM maps start at 0 (every factor 1, kernel attention 1/n; official init: "
-                "1e-6 noise, and a random filter head that the official conversion leaves in place)")
-
-
-def _map_dcd(layer: DCDConv2d, path, weight, bias, report) -> None:
-    _set(layer.conv.weight, weight)
-    report.mapped[f"{path}.conv.weight"] = f"{path}.weight (W0)"
-    nn.init.zeros_(layer.fc_scale.weight)  # Lambda = hsigmoid(0) = relu6(3) / 3 = 1
-    nn.init.zeros_(layer.p.weight)  # the dynamic residual P(...) starts at zero
-    report.adjusted[f"{path}.fc_scale.weight"] = "0 (Lambda = 1)"
-    report.adjusted[f"{path}.p.weight"] = "0 (residual P Phi Q^T x = 0)"
-    _copy_bias(layer, path, bias, report)
-    report.note("DCD: W0 = W, fc_scale and P start at 0 (Lambda = 1, no residual; official init: random)")
-
-
-def _map_dcd_linear(layer: DCDLinear, path, weight, bias, report) -> None:
-    _set(layer.cls.weight, weight)
-    report.mapped[f"{path}.cls.weight"] = f"{path}.weight"
-    if bias is not None:
-        _set(layer.cls.bias, bias)
-        report.mapped[f"{path}.cls.bias"] = f"{path}.bias"
-    nn.init.zeros_(layer.fc_scale.weight)
-    nn.init.zeros_(layer.cls_p.weight)
-    report.adjusted[f"{path}.fc_scale.weight"] = "0 (Lambda = 1)"
-    report.adjusted[f"{path}.cls_p.weight"] = "0 (residual = 0)"
-
-
-def _map_dgc(layer: DGCConv2d, path, weight, bias, report) -> None:
-    for h, head in enumerate(layer.head_modules()):
-        _set(head.conv.weight, weight[h::layer.heads])  # head h computes output channels h, h + heads, ...
-        report.mapped[f"{path}.headconv_{h}.conv.weight"] = f"{path}.weight[{h}::{layer.heads}]"
-        nn.init.zeros_(head.fc2.weight)
-        nn.init.constant_(head.fc2.bias, 1.0)  # the official bias init: saliency ReLU(1) = 1 everywhere
-        report.adjusted[f"{path}.headconv_{h}.fc2.weight"] = "0 (saliency 1)"
-    norm = layer.norm
-    if norm is not None:  # eval-mode identity; its input is already post-ReLU in the ResNet blocks
-        nn.init.ones_(norm.weight)
-        nn.init.zeros_(norm.bias)
-        norm.running_mean.zero_()
-        norm.running_var.fill_(1.0 - norm.eps)
-        for key in ("weight", "bias", "running_mean", "running_var"):
-            report.adjusted[f"{path}.norm.{key}"] = "identity in eval mode"
-        _mark_loaded(norm)
-        report._worsen("eval mode only")
-        report.note("DGC: the layer's own pre-activation BatchNorm is an identity in eval mode (its input is "
-                    "post-ReLU in the ResNets, so the ReLU is one too); in training mode it normalises with batch "
-                    "statistics, which the static network does not")
-    report.note("DGC: head h takes rows h::heads of W, saliency fc2 weight 0 and bias 1 (every gate 1; official "
-                "weight init: random); nothing is pruned before the pruning stage (progress <= 1/12 of the run)")
-    _copy_bias(layer, path, bias, report)
-
-
-def _kw_blocks(layer: KWConv2d, weight: torch.Tensor) -> torch.Tensor:
-    """``(m, c_out, c_in)``: the block of ``weight`` each mixture fills (inverse of ``KWConv2d.kernel``)."""
-    c_out, c_in = layer.warehouse_manager_ref.cell_shapes[layer.warehouse_id]
-    w = weight.reshape(layer.blocks_out, c_out, layer.blocks_in, c_in, layer.blocks_spatial)
-    return w.permute(4, 0, 2, 1, 3).reshape(layer.num_mixtures, c_out, c_in)
-
-
-def _map_kw(layer: KWConv2d, path, weight, bias, report) -> None:
-    manager = layer.warehouse_manager_ref
-    bank = manager.take_cell(layer.warehouse_id)
-    ratio = _kw_ratio(manager, layer.warehouse_id)
-    blocks = _kw_blocks(layer, weight.reshape(layer.out_channels, layer.in_channels // layer.groups,
-                                              *layer.kernel_size))
-    start = layer.cell_range[0]
-    offsets = cell_assignment(layer.num_mixtures, ratio)
-    owned = [(j, start + o) for j, o in enumerate(offsets) if o is not None]
-    for j, cell in owned:
-        _set(bank[cell], blocks[j])
-    key = f"warehouse_manager.weights.{layer.warehouse_id}"
-    if not _is_root_manager(layer):
-        key = f"{path}.{key}"
-    layers = report._kw_layers.setdefault(key, [])
-    layers.append(f"{path}.weight -> cells {start}:{layer.cell_range[1]} ({len(owned)}/{layer.num_mixtures} blocks)")
-    report.mapped[key] = f"cells from the blocks of {len(layers)} static kernels at tau = 1"
-    _copy_bias(layer, path, bias, report)
-    if len(owned) == layer.num_mixtures:
-        _start_kw_attention_at_its_cells(layer.attention, path, report)
-    if len(owned) < layer.num_mixtures:
-        report._worsen("not preserved")
-        report.notes.append(
-            f"{path}: budget {ratio:g}x < 1: at tau = 1 {layer.num_mixtures - len(owned)} of {layer.num_mixtures} "
-            "mixtures take the zero cell (official assignment), so their blocks of the static kernel are lost")
-
-
-# Logit of each mixture's own cell when the attention starts from static weights: the attention normalises its
-# logits as z / (sum |z| + 1e-3), so a logit c keeps c / (c + 1e-3) of its cell and the kernel is
-# W ((1 - tau) c / (c + 1e-3) + tau): exact at tau = 1, off by 1e-4 (1 - tau) at c = 10. Larger c would be
-# closer still but shrinks what the learnt logits change; 10 fine-tunes (results/finetune_static_demo.md).
-KW_START_LOGIT = 10.0
-
-
-def _start_kw_attention_at_its_cells(att: Any, path: str, report: PretrainedReport) -> None:
-    """The attention's logits start at ``KW_START_LOGIT * beta`` for every input: at every tau each mixture
-    then takes (almost only) the cell that holds its block of the static kernel. With the official random
-    init, logits of unrelated cells mix in as soon as tau < 1 and a converted model falls to chance."""
-    nn.init.zeros_(att.fc2.weight)
-    report.adjusted[f"{path}.attention.fc2.weight"] = "0"
-    start = KW_START_LOGIT * att.temp_bias.flatten()
-    if att.fc3 is None:
-        _set(att.fc2.bias, start)
-        report.adjusted[f"{path}.attention.fc2.bias"] = f"{KW_START_LOGIT:g} * beta"
-    else:  # fc2 has no bias; its zero output reaches fc3 as zeros, so the basis bias alone gives the logits
-        _set(att.basis_bias, start)
-        report.adjusted[f"{path}.attention.basis_bias"] = f"{KW_START_LOGIT:g} * beta"
-
-
-def _map_kw_linear(layer: KWLinear, path, weight, bias, report) -> None:
-    _map_kw(layer.conv, f"{path}.conv", weight, bias, report)
-
-
-def _map_icconv(layer: InceptionConv2d, path, weight, bias, report) -> None:
-    other = 0
-    for j, (conv, member) in enumerate(zip(layer.conv_list, layer.members)):
-        _set(conv.weight, weight[member.start:member.stop])
-        report.mapped[f"{path}.conv_list.{j}.weight"] = f"{path}.weight[{member.start}:{member.stop}]"
-        if member.dilation != layer.dilation and max(layer.kernel_size) > 1:
-            other += member.stop - member.start
-    _copy_bias(layer, path, bias, report)
-    if other:
-        report._worsen("not preserved")
-        report.notes.append(f"{path}: {other} of {layer.out_channels} output channels use another dilation "
-                            f"than the static {layer.dilation}: same taps, other pixels")
-
-
-MAPPERS: Dict[type, Mapper] = {
-    DynamicConv2d: _map_dyconv,
-    CondConv2d: _map_condconv,
-    ODConv2d: _map_odconv,
-    DCDConv2d: _map_dcd,
-    DCDLinear: _map_dcd_linear,
-    DGCConv2d: _map_dgc,
-    KWConv2d: _map_kw,
-    KWLinear: _map_kw_linear,
-    InceptionConv2d: _map_icconv,
-    FDConv2d: _map_fdconv,
-}
-
-
-def _kw_ratio(manager: Any, idx: int) -> float:
-    from .ops.kernelwarehouse import _per_warehouse
-
-    return float(_per_warehouse(manager.cell_num_ratio, len(manager.weights), "cell_num_ratio")[idx])
-
-
-def _is_root_manager(layer: KWConv2d) -> bool:
-    return getattr(layer, "warehouse_manager", None) is not layer.warehouse_manager_ref
-
-
-def _mark_loaded(module: nn.Module) -> None:
+def mark_statistics_loaded(module: nn.Module) -> None:
     """A BatchNorm whose statistics were set here is no longer fresh (see ``use_batch_statistics_until_trained``)."""
-    from .models import FRESH_ATTR
-
     if hasattr(module, FRESH_ATTR):
         setattr(module, FRESH_ATTR, False)
 
 
 def _mapper(module: nn.Module) -> Optional[Mapper]:
+    """How the family of ``module`` starts it from a static kernel (:attr:`dynconv.Family.from_static`)."""
     for cls in type(module).__mro__:
-        if cls in MAPPERS:
-            return MAPPERS[cls]
+        for family in registered_families():
+            if cls in family.from_static:
+                return family.from_static[cls]
     return None
 
 
@@ -522,7 +293,7 @@ def init_from_static(
 
 
 def _static_shape(module: nn.Module) -> Tuple[int, ...]:
-    if isinstance(module, (DCDLinear, KWLinear)):
+    if hasattr(module, "in_features"):  # a dynamic classifier
         return (module.out_features, module.in_features)
     return (module.out_channels, module.in_channels // module.groups, *module.kernel_size)
 
@@ -538,7 +309,7 @@ def _path_of(model: nn.Module, target: nn.Module) -> Optional[str]:
 def _mark_copied_norms(model: nn.Module, copied: set) -> None:
     for name, module in model.named_modules():
         if isinstance(module, _BatchNorm) and f"{name}.running_mean" in copied:
-            _mark_loaded(module)
+            mark_statistics_loaded(module)
 
 
 def _attention_baseline_note(model: nn.Module, report: PretrainedReport) -> None:

@@ -269,7 +269,8 @@ def test_conversion_from_a_static_conv_is_exact_and_the_official_one_is_not():
     """``dynconv.pretrained`` maps a static kernel exactly (heads at 0: every factor 1). The official conversion
     (``tools/convert_to_fdconv.py``: ``dft_weight`` only) keeps the random kaiming filter head, so the layer
     starts at ``2 sigmoid(z)`` times the static output per channel, not at the static output."""
-    from dynconv.pretrained import PretrainedReport, _map_fdconv
+    from dynconv.families.fdconv import from_static as _map_fdconv
+    from dynconv.pretrained import PretrainedReport
 
     torch.manual_seed(0)
     conv = nn.Conv2d(32, 48, 3, padding=1, bias=True).double()

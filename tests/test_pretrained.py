@@ -115,7 +115,7 @@ def test_kw_keeps_the_static_kernels_along_the_tau_ramp(static_files, conv, opti
     each layer assembles ``W ((1 - tau) c / (c + 1e-3) + tau)`` at every tau: exact at tau = 1 (progress 0),
     within 1e-4 relative at tau = 0. With the official random attention init, a converted model fell to chance
     by tau = 0.9 (results/finetune_static_demo.md)."""
-    from dynconv.pretrained import KW_START_LOGIT as c
+    from dynconv.families.kernelwarehouse import KW_START_LOGIT as c
 
     path, static = static_files["resnet18"]
     model = _converted("resnet18", conv, path, **options)
