@@ -3,7 +3,8 @@ on timm backbones, with the papers' layer rules, schedules and parameter counts.
 
 Importing the package registers every (variant, arch) pair with timm (``odconv4x_resnet18``).
 """
-from .registry import ConvVariant, Family, Variant, get_family, get_variant, list_convs, list_families, register_family
+from .registry import (ConvVariant, Family, Variant, get_family, get_variant, list_convs, list_families,
+                       load_family_module, register_family)
 from . import families  # noqa: F401,E402  (registers the built-in conv families, in table order)
 from . import _timm  # noqa: F401,E402  (registers the timm entrypoints)
 from .auxiliary import auxiliary_loss
@@ -41,6 +42,7 @@ __all__ = [
     "list_archs",
     "list_convs",
     "list_families",
+    "load_family_module",
     "macs_breakdown",
     "register_family",
     "set_progress",

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._compat import is_exporting
+
 FRESH_ATTR = "_dynconv_fresh_statistics"
 
 
@@ -15,10 +17,18 @@ def _fresh_norm_hook(module: nn.Module, args: Tuple[torch.Tensor, ...], output: 
     """Eval-mode output of a BatchNorm that has no statistics yet: normalised with the batch's own."""
     if not getattr(module, FRESH_ATTR, False) or module.num_batches_tracked.is_meta:
         return None
+    x = args[0]
+    if is_exporting():
+        # Buffers hold no values while exporting: the flag alone decides (a forward in training mode or a loaded
+        # state dict clears it). The graph keeps both normalisations and picks one per call, as eager does.
+        if module.training:
+            return None
+        single = torch.ones_like(x[:, 0]).sum() == 1  # one value per channel: batch statistics are undefined
+        return torch.where(single, output, F.batch_norm(x, None, None, module.weight, module.bias, True, 0.0,
+                                                        module.eps))
     if module.training or int(module.num_batches_tracked) != 0:  # trained, or statistics copied in (EMA)
         setattr(module, FRESH_ATTR, False)
         return None
-    x = args[0]
     if x.numel() == x.shape[1]:  # one value per channel: batch statistics are undefined
         return None
     return F.batch_norm(x, None, None, module.weight, module.bias, True, 0.0, module.eps)

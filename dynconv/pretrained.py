@@ -103,7 +103,8 @@ class PretrainedReport:
         if text not in self.notes:
             self.notes.append(text)
 
-    def _worsen(self, level: str) -> None:
+    def worsen(self, level: str) -> None:
+        """Lower ``exactness`` to ``level`` unless it is already lower."""
         order = ("exact", "exact to rounding", "eval mode only", "not preserved")
         if order.index(level) > order.index(self.exactness):
             self.exactness = level
@@ -317,5 +318,5 @@ def _attention_baseline_note(model: nn.Module, report: PretrainedReport) -> None
 
     variant = getattr(model, VARIANT_ATTR, None)
     if report.new and not report.mapped and not report.adjusted and variant not in (None, "static"):
-        report._worsen("not preserved")
+        report.worsen("not preserved")
         report.notes.append(f"{variant}: the inserted attention modules are fresh (their gates start near 1/2)")

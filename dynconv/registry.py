@@ -13,9 +13,15 @@ A researcher's own method registers the same way (``examples/custom_family/``)::
 """
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
 import inspect
+import sys
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
@@ -89,6 +95,8 @@ class Family:
         width_layers: ``{layer class: path -> names}``: the parameters that carry a built layer's width, for the
             same timm config names.
         fx_leaves: classes kept whole by ``torch.fx`` (default: ``layers``).
+        task_defaults: ``(arch, task) -> options``: what the official models of a downstream task (``detection``,
+            ``segmentation``) set on ``arch`` (IC-Conv's per-task pattern files).
         paper: the citation, for listings.
     """
 
@@ -109,6 +117,7 @@ class Family:
     timm_names: Optional[Callable[[ConvVariant, str, Any, Any], Tuple[Any, Any]]] = None
     width_layers: Mapping[type, Callable[[str], Any]] = field(default_factory=dict)
     fx_leaves: Optional[Tuple[type, ...]] = None
+    task_defaults: Optional[Callable[[str, str], Dict[str, Any]]] = None
     paper: str = ""
 
     def option_names(self) -> set:
@@ -238,3 +247,28 @@ def families_with(attribute: str) -> Sequence[Family]:
 def registered_families() -> List[Family]:
     """The registered :class:`Family` records, in registration order."""
     return list(_FAMILIES.values())
+
+
+def load_family_module(spec: str) -> ModuleType:
+    """Import the module that registers a family defined outside dynconv: a ``.py`` file path (relative to the
+    working directory) or a dotted module name. A file is imported once per process, whatever path names it."""
+    if spec.endswith(".py") or "/" in spec or "\\" in spec:
+        path = Path(spec).expanduser().resolve()
+        if not path.is_file():
+            raise ValueError(f"conv.module: no Python file {spec!r} (looked at {path})")
+        name = f"dynconv_family_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+        if name in sys.modules:
+            return sys.modules[name]
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module  # before running it: pickles of its classes find it by this name
+        try:
+            module_spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        return module
+    try:
+        return importlib.import_module(spec)
+    except ModuleNotFoundError as err:
+        raise ValueError(f"conv.module: cannot import {spec!r} ({err})") from None

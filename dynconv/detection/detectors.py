@@ -31,6 +31,7 @@ from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from ..registry import family_of
 from .backbone import DynamicBackbone, PathLike
 
 DETECTORS = ("faster_rcnn", "mask_rcnn")
@@ -186,7 +187,7 @@ def create_detector(detector: str, arch: str, conv: str = "static", *, num_class
     """
     if detector not in DETECTORS:
         raise ValueError(f"unknown detector {detector!r}; choose one of: {', '.join(DETECTORS)}")
-    options = _icconv_task_patterns(detector, arch, conv, options)
+    options = _task_defaults(detector, arch, conv, options)
     body = DynamicBackbone(arch, conv, frozen_stages=frozen_stages, frozen_trainable=frozen_trainable,
                            norm_eval=norm_eval, checkpoint=backbone_checkpoint, use_ema=backbone_use_ema, **options)
     backbone = FeaturePyramidBackbone(body, fpn_channels)
@@ -206,16 +207,13 @@ def create_detector(detector: str, arch: str, conv: str = "static", *, num_class
     return model
 
 
-def _icconv_task_patterns(detector: str, arch: str, conv: str, options: Dict[str, Any]) -> Dict[str, Any]:
-    """IC-Conv: the official pattern file of the detector's task, unless ``patterns`` is given."""
-    from ..registry import get_variant
-
-    if get_variant(conv).family != "icconv" or "patterns" in options:
+def _task_defaults(detector: str, arch: str, conv: str, options: Dict[str, Any]) -> Dict[str, Any]:
+    """What the family's official models of the detector's task set (IC-Conv: that task's pattern file), under
+    the options given."""
+    family = family_of(conv)
+    if family.task_defaults is None:
         return options
-    from ..surgery.icconv import official_task_patterns
-
-    name = official_task_patterns(arch, "segmentation" if detector == "mask_rcnn" else "detection")
-    return {**options, "patterns": name} if name else options
+    return {**family.task_defaults(arch, "segmentation" if detector == "mask_rcnn" else "detection"), **options}
 
 
 __all__ = ["DETECTORS", "FeaturePyramidBackbone", "L1RegionProposalNetwork", "L1RoIHeads", "MMDET_RCNN_1X",

@@ -51,7 +51,7 @@ def from_static(layer: CondConv2d, path: str, weight: torch.Tensor, bias, report
         layer.bias.copy_((bias if bias is not None else torch.zeros_like(layer.bias[0])).expand_as(layer.bias)
                          * (2.0 / k))
         report.mapped[f"{path}.bias"] = f"2/{k} * {path}.bias"
-    report._worsen("exact to rounding")
+    report.worsen("exact to rounding")
     report.note("CondConv: routing starts at 0 (every expert weighted 1/2 for every input; official init: "
                 "random), experts 2/K W plus zero-sum noise that breaks their symmetry")
 

@@ -81,7 +81,7 @@ def from_static(layer: DGCConv2d, path: str, weight: torch.Tensor, bias, report:
         for key in ("weight", "bias", "running_mean", "running_var"):
             report.adjusted[f"{path}.norm.{key}"] = "identity in eval mode"
         mark_statistics_loaded(norm)
-        report._worsen("eval mode only")
+        report.worsen("eval mode only")
         report.note("DGC: the layer's own pre-activation BatchNorm is an identity in eval mode (its input is "
                     "post-ReLU in the ResNets, so the ReLU is one too); in training mode it normalises with batch "
                     "statistics, which the static network does not")

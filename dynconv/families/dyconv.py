@@ -21,7 +21,7 @@ def from_static(layer: DynamicConv2d, path: str, weight: torch.Tensor, bias, rep
     if layer.bias is not None and bias is not None:
         layer.bias.copy_(bias.expand_as(layer.bias))
         report.mapped[f"{path}.bias"] = f"{path}.bias in each of {layer.num_kernels} kernels"
-    report._worsen("exact to rounding")
+    report.worsen("exact to rounding")
 
 
 DYCONV = register_family(Family(

@@ -85,7 +85,7 @@ def from_static(layer: FDConv2d, path: str, weight: torch.Tensor, bias, report: 
             nn.init.zeros_(conv.bias)
             report.adjusted[f"{path}.{name}.bias"] = "0"
     copy_bias(layer, path, bias, report)
-    report._worsen("exact to rounding")
+    report.worsen("exact to rounding")
     report.note("FDConv: dft_weight from the static kernel (official conversion); the attention heads, the local "
                 "KSM conv and the FBM maps start at 0 (every factor 1, kernel attention 1/n; official init: "
                 "1e-6 noise, and a random filter head that the official conversion leaves in place)")

@@ -11,7 +11,7 @@ from ..official import ICCONV as ICCONV_FORMAT, Layout, only_on, same_shape
 from ..ops.icconv import InceptionConv2d
 from ..pretrained import PretrainedReport, copy_bias, set_param
 from ..registry import ConvVariant, Family, register_family
-from ..surgery.icconv import convert_icconv
+from ..surgery.icconv import convert_icconv, official_task_patterns
 from ..surgery.sites import RESNET
 
 
@@ -32,9 +32,15 @@ def from_static(layer: InceptionConv2d, path: str, weight: torch.Tensor, bias, r
             other += member.stop - member.start
     copy_bias(layer, path, bias, report)
     if other:
-        report._worsen("not preserved")
+        report.worsen("not preserved")
         report.notes.append(f"{path}: {other} of {layer.out_channels} output channels use another dilation "
                             f"than the static {layer.dilation}: same taps, other pixels")
+
+
+def task_defaults(arch: str, task: str) -> dict:
+    """The pattern file the official models of ``task`` use on ``arch`` (ResNet50 / 101 only)."""
+    name = official_task_patterns(arch, task)
+    return {"patterns": name} if name else {}
 
 
 ICCONV = register_family(Family(
@@ -48,5 +54,6 @@ ICCONV = register_family(Family(
     official_layout=official_layout,
     official_repo="yifan123/IC-Conv",
     from_static={InceptionConv2d: from_static},
+    task_defaults=task_defaults,
     paper="Liu et al., CVPR 2021, arXiv:2012.13587",
 ))

@@ -113,7 +113,7 @@ def from_static(layer: KWConv2d, path: str, weight: torch.Tensor, bias, report: 
     if len(owned) == layer.num_mixtures:
         _start_attention_at_its_cells(layer.attention, path, report)
     if len(owned) < layer.num_mixtures:
-        report._worsen("not preserved")
+        report.worsen("not preserved")
         report.notes.append(
             f"{path}: budget {ratio:g}x < 1: at tau = 1 {layer.num_mixtures - len(owned)} of {layer.num_mixtures} "
             "mixtures take the zero cell (official assignment), so their blocks of the static kernel are lost")

@@ -37,7 +37,7 @@ def from_static(layer: ODConv2d, path: str, weight: torch.Tensor, bias, report: 
     report.mapped[f"{path}.weight"] = f"{scale:g} * {path}.weight in each of {layer.kernel_num} kernels"
     copy_bias(layer, path, bias, report)
     if layer.kernel_num > 1:
-        report._worsen("exact to rounding")  # the softmax weights sum to 1 up to rounding
+        report.worsen("exact to rounding")  # the softmax weights sum to 1 up to rounding
     report.note("ODConv: channel / filter / spatial heads start at 0 (each attention exactly 1/2 at any "
                 "temperature; official init: random), kernels 2^h W; the kernel attention keeps its official init")
 

@@ -1,4 +1,5 @@
 """Drop-in replacements for ``nn.Conv2d``, one file per family, and the shared batched hot path."""
+from ._base import DynamicConv2dBase
 from .attention_baselines import make_residual_attention
 from .condconv import CondConv2d
 from .dcd import DCDConv2d, DCDLinear
@@ -14,6 +15,7 @@ __all__ = [
     "DCDLinear",
     "DGCConv2d",
     "DYAttention",
+    "DynamicConv2dBase",
     "DynamicConv2d",
     "FDConv2d",
     "ODAttention",
