@@ -87,27 +87,21 @@ def check_same_function(model: nn.Module, official: nn.Module, size: int) -> Non
               f"{float((y_ours - y_theirs).abs().max()):.3g}, max |gradient difference| {grad:.3g}", flush=True)
 
 
-def make_trainer_class(official_fn: Optional[Any]) -> type:
-    from dynconv.engine import Trainer
+def make_task(official_fn: Optional[Any], cfg: Any) -> Any:
+    """The classification task; with ``official_fn``, on the official network (from dynconv's initial weights)."""
+    from dynconv.engine.tasks.classification import ClassificationTask
     from dynconv.official import export_official
     from dynconv.ops.odconv import ODAttention
-    from dynconv.schedules import scheduled_modules
 
-    class RecordingTrainer(Trainer):
-        """The demo trainer, recording every update; with ``official_fn``, on the official network."""
+    class OfficialNetworkTask(ClassificationTask):
+        """The demo task with the official network in place of dynconv's."""
 
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            self.steps: List[Dict[str, float]] = []
-            super().__init__(*args, **kwargs)
-
-        def _build_network(self) -> nn.Module:
-            model = super()._build_network()  # called right after seeding: the dynconv initial weights
-            if official_fn is None:
-                return model
+        def build_model(self, data: Any, info: Any) -> nn.Module:
+            model = super().build_model(data, info)  # called right after seeding: the dynconv initial weights
             cfg = self.cfg
             if cfg.model.name != "mobilenetv2_100" or cfg.conv.name != "odconv_1x":
                 raise SystemExit("error: the official comparison covers model=mobilenetv2_100 conv=odconv_1x")
-            official = official_fn(num_classes=self.data.num_classes, kernel_num=1, dropout=cfg.model.drop_rate)
+            official = official_fn(num_classes=data.num_classes, kernel_num=1, dropout=cfg.model.drop_rate)
             state = {k[len("module."):]: v for k, v in export_official(model)["state_dict"].items()}
             official.load_state_dict(state, strict=True)
             schedule = next(m.schedule for m in model.modules() if isinstance(m, ODAttention))
@@ -115,14 +109,28 @@ def make_trainer_class(official_fn: Optional[Any]) -> type:
             official.schedule = schedule
             official.set_schedule_value = official.net_update_temperature
             official.net_update_temperature(schedule(float("inf")))
-            check_same_function(model, official, self.cfg.data.image_size)
+            check_same_function(model, official, cfg.data.image_size)
             return official
 
-        def _count(self, model: nn.Module) -> Tuple[int, Optional[int]]:
+        def count(self, model: nn.Module) -> Tuple[int, Optional[int]]:
             try:
-                return super()._count(model)
+                return super().count(model)
             except Exception:  # the MAC counter knows dynconv layers only
                 return sum(p.numel() for p in model.parameters()), None
+
+    return ClassificationTask(cfg) if official_fn is None else OfficialNetworkTask(cfg)
+
+
+def make_trainer_class() -> type:
+    from dynconv.engine import Trainer
+    from dynconv.schedules import scheduled_modules
+
+    class RecordingTrainer(Trainer):
+        """The demo trainer, recording every update."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.steps: List[Dict[str, float]] = []
+            super().__init__(*args, **kwargs)
 
         def train_step(self, group: Any, epoch: int) -> Optional[float]:
             progress = self.schedule_progress()
@@ -161,7 +169,7 @@ def run(kind: str, official_fn: Optional[Any], overrides: List[str], run_dir: Pa
         reuse_freed_memory(info.device)
     seed_everything(cfg.seed)
     try:
-        make_trainer_class(official_fn)(cfg, info).fit()
+        make_trainer_class()(make_task(official_fn, cfg), cfg, info).fit()
     finally:
         shutdown()
     return run_dir

@@ -286,7 +286,7 @@ def test_detection_1x_recipes_are_mmdets_schedule():
     cfg, adamw, lrs = _lrs("det_1x_adamw", updates_per_epoch=100)
     assert type(adamw) is torch.optim.AdamW and lrs[600] == pytest.approx(1e-4) and lrs[900] == pytest.approx(1e-5)
     assert sorted(g["weight_decay"] for g in adamw.param_groups) == [0.0, 0.05]
-    from dynconv.engine.detection import train_sizes
+    from dynconv.engine.tasks.detection import train_sizes
 
     assert train_sizes(cfg.data, cfg.recipe.det_aug) == list(range(480, 801, 32))  # DETR-style 480..800
     assert [round(s * 800) for s in cfg.recipe.det_aug.crop_resize] == [400, 500, 600]

@@ -16,7 +16,7 @@ from timm.layers import DropPath
 
 from dynconv.detection import create_detector
 from dynconv.engine.config import apply_row
-from dynconv.engine.detection import build_detector
+from dynconv.engine.tasks.detection import build_detector
 from dynconv.engine.optim import build_optimizer
 from dynconv.ops.icconv import InceptionConv2d
 from dynconv.patterns import load_patterns

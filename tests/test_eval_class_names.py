@@ -10,7 +10,7 @@ from PIL import Image
 from cli import TINY, ok, run
 from dynconv.checkpoint import CheckpointError, load_checkpoint
 from dynconv.data import SYNTHETIC_CLASSES
-from dynconv.engine.eval_checkpoint import check_class_names
+from dynconv.engine.tasks.classification import check_class_names
 
 RUN = ["a", "b", "c"]
 
@@ -52,7 +52,7 @@ def test_eval_py_stops_on_other_classes_and_scores_with_the_override(tmp_path):
     ok(run("train.py", TINY + model + ["recipe.epochs=1", "recipe.scheduler.warmup_epochs=0"], run_dir, cache))
     checkpoint = run_dir / "last.pt"
     stored = load_checkpoint(checkpoint)["meta"]["classes"]
-    assert stored == sorted(SYNTHETIC_CLASSES[:4])  # what the trainer stores (dynconv/engine/trainer.py _meta)
+    assert stored == sorted(SYNTHETIC_CLASSES[:4])  # what the trainer stores (dynconv/engine/tasks/classification.py meta)
     # an ImageFolder set with as many classes, named otherwise: the weights fit, the labels do not
     other = [f"n0{i}" for i in range(4)]
     for name in other:

@@ -7,7 +7,7 @@ import pytest
 from test_configs import load
 
 from cli import TINY, ok, run, summary
-from dynconv.engine.eval_checkpoint import eval_transform
+from dynconv.engine.tasks.classification import eval_transform
 
 
 def _stored(interpolation, crop_pct, recipe="convnext_300ep"):

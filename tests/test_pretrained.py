@@ -355,7 +355,7 @@ def test_detection_task_model_pretrained(static_files):
     from test_configs import load
 
     from dynconv.engine.config import validate
-    from dynconv.engine.detection import build_detector
+    from dynconv.engine.tasks.detection import build_detector
 
     path, static = static_files["resnet18"]
     cfg = load(["task=detection", "detector=faster_rcnn", "data=synthetic_coco", "model=resnet18", "conv=odconv_4x",

@@ -74,12 +74,13 @@ def test_a_skipped_nan_step_leaves_the_batchnorm_statistics_alone(tmp_path, cach
     from test_configs import load
 
     from dynconv.engine.distributed import init_distributed
+    from dynconv.engine.run import task_for
     from dynconv.engine.trainer import Trainer
 
     monkeypatch.setenv("DYNCONV_CACHE", str(cache))
     cfg = load(STATIC + ["trainer.nan_policy=skip", "trainer.device=cpu"])
     cfg.run_dir = str(tmp_path / "run")
-    trainer = Trainer(cfg, init_distributed("cpu"))
+    trainer = Trainer(task_for(cfg), cfg, init_distributed("cpu"))
     try:
         images, targets = next(iter(trainer.train_loader))
         images[0, 0, 0, 0] = float("nan")

@@ -1,4 +1,5 @@
-"""From configuration to objects: datasets with the recipe's transforms, the model, the loss, mixup."""
+"""From configuration to objects: the classification datasets with the recipe's transforms, the model, the
+loss and mixup; and what every task's loaders and models share (worker count, ``model.pretrained``)."""
 from __future__ import annotations
 
 import os
@@ -6,11 +7,14 @@ from typing import Any, Optional, Tuple, Union
 
 from torch import nn
 
-from .. import create_model
-from ..data import DataBundle, build_datasets, build_transform
+from ..data.loader import DataBundle, build_datasets
+from ..data.transforms import build_transform
+from ..models import create_model
+from .config import PRETRAINED_TIMM, AugConfig, ConvConfig, DataConfig, ModelConfig
 
 
-def build_data(data_cfg: Any, aug_cfg: Optional[Any] = None, *, eval_interpolation: str = "bilinear") -> DataBundle:
+def build_data(data_cfg: DataConfig, aug_cfg: Optional[AugConfig] = None, *,
+               eval_interpolation: str = "bilinear") -> DataBundle:
     """Train and val datasets; the train transform follows ``aug_cfg`` (None: the eval transform)."""
     size = data_cfg.image_size
     eval_tf = build_transform(train=False, image_size=size, crop_pct=data_cfg.crop_pct,
@@ -37,17 +41,15 @@ def loader_workers(requested: int) -> int:
     return max(0, min(requested, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
-def pretrained_source(model_cfg: Any) -> Optional[Union[bool, str]]:
+def pretrained_source(model_cfg: ModelConfig) -> Optional[Union[bool, str]]:
     """``model.pretrained`` as ``create_model`` takes it: ``True`` for timm's own weights, else a path."""
-    from .config import PRETRAINED_TIMM
-
     pretrained = getattr(model_cfg, "pretrained", None)
     if pretrained is None:
         return None
     return True if str(pretrained) in PRETRAINED_TIMM else os.path.expanduser(str(pretrained))
 
 
-def build_model(model_cfg: Any, conv_cfg: Any, num_classes: int) -> nn.Module:
+def build_model(model_cfg: ModelConfig, conv_cfg: ConvConfig, num_classes: int) -> nn.Module:
     """``dynconv.create_model`` with the config's dropout, drop path and options."""
     options = {**dict(model_cfg.kwargs), **dict(conv_cfg.options)}
     if model_cfg.drop_rate:
@@ -64,7 +66,7 @@ def build_model(model_cfg: Any, conv_cfg: Any, num_classes: int) -> nn.Module:
                          f"model.kwargs is not accepted ({err})") from err
 
 
-def build_mixup_and_loss(aug_cfg: Any, num_classes: int) -> Tuple[Optional[Any], nn.Module]:
+def build_mixup_and_loss(aug_cfg: AugConfig, num_classes: int) -> Tuple[Optional[Any], nn.Module]:
     """timm Mixup/CutMix (with label smoothing inside) and the matching loss, as the recipes use them."""
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy

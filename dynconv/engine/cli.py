@@ -7,9 +7,9 @@ import sys
 from typing import Any, Callable, Tuple, Type
 
 from ..checkpoint import CheckpointError
-from ..data import DatasetError
+from ..data.imagenet import DatasetError
+from .errors import NonFiniteLossError
 from .run_guard import RunDirectoryBusy
-from .trainer import NonFiniteLossError
 
 USER_ERRORS: Tuple[Type[BaseException], ...] = (ValueError, FileNotFoundError, DatasetError, CheckpointError,
                                                 NonFiniteLossError, RunDirectoryBusy)

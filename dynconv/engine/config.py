@@ -251,7 +251,8 @@ def apply_row(cfg: Any, protected: Iterable[str] = ()) -> Dict[str, Any]:
     Keys in ``protected`` (those given on the command line) keep their value. A row name that is no
     conv variant, or a key that is not in the schema, raises ValueError naming it.
     """
-    from .. import list_archs, list_convs
+    from ..models import list_archs
+    from ..registry import list_convs
 
     for name in cfg.rows:
         arch, _, conv = name.rpartition("/")
@@ -368,8 +369,8 @@ def _check_pretrained(value: Optional[str]) -> None:
 
 def validate(cfg: Any) -> None:
     """Checks across keys that the schema cannot express; raises ValueError naming the key."""
-    from .. import list_archs, list_convs
-    from ..models import DROP_PATH_MODES
+    from ..models import DROP_PATH_MODES, list_archs
+    from ..registry import list_convs
 
     extra = unknown_keys(cfg)
     if extra:
@@ -380,7 +381,7 @@ def validate(cfg: Any) -> None:
     detection = cfg.task == "detection"
     _choice("data.name", cfg.data.name, DETECTION_DATA if detection else CLASSIFICATION_DATA)
     if detection:
-        from ..detection import DETECTORS
+        from ..detection.detectors import DETECTORS
 
         _choice("detector.name", cfg.detector.name, DETECTORS)
         _choice("detector.layer_schedule", cfg.detector.layer_schedule, LAYER_SCHEDULES)

@@ -1,8 +1,10 @@
-"""The classification training loop: one process, one GPU, or many through ``torchrun``.
+"""The training loop of every task: one process, one GPU, or many through ``torchrun``.
 
-Every update pushes the training progress into the dynamic layers (:func:`dynconv.set_progress`) and
-adds what they contribute to the loss (:func:`dynconv.auxiliary_loss`). A checkpoint holds everything
-an exact resume needs (model, EMA, optimizer, scheduler, scaler, every rank's RNG states, the position
+The loop knows batches, updates, devices, checkpoints and logs; what is trained on what, with which loss
+and metric, is the :class:`~dynconv.engine.tasks.Task`'s (:mod:`dynconv.engine.run` picks it). Every
+update pushes the training progress into the dynamic layers (:func:`dynconv.set_progress`) and adds what
+they contribute to the loss (:func:`dynconv.auxiliary_loss`). A checkpoint holds everything an exact
+resume needs (model, EMA, optimizer, scheduler, scaler, every rank's RNG states, the position
 in the epoch), so re-running the same command in the same run directory continues the same loss
 trajectory; the learning rate and the layer schedules are pure functions of that position.
 """
@@ -24,24 +26,23 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import __version__, auxiliary_loss, count_macs, count_params, set_progress
+from .. import __version__  # defined by the package itself
+from ..auxiliary import auxiliary_loss
 from ..checkpoint import CheckpointError, CheckpointManager, first_non_finite, load_checkpoint, load_weights, \
     rng_state, set_rng_state, unwrap_model
-from ..data import build_loader
-from ..malloc import reuse_freed_memory
-from .builders import build_data, build_mixup_and_loss, build_model, loader_workers
-from .config import validate
-from .distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
-from .evaluate import autocast, evaluate, to_channels_last, to_device
+from ..schedules import set_progress
+from .builders import loader_workers
+from .config import TrainConfig
+from .distributed import DistInfo, all_reduce_sum, barrier
+from .errors import NonFiniteLossError
 from .optim import apply_schedule, build_optimizer, build_scheduler, current_lr, scaled_lr
+from .reporting import before_training_line, epoch_line, run_summary, wandb_options
 from .run_guard import check_resume, lock_run_dir
 from .run_logging import Progress, RunLogger
+from .runtime import autocast, to_channels_last
+from .tasks.protocol import Task
 
 CHECKPOINT_FORMAT = 1
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The (all-reduced) training loss is NaN or infinite, or the model's weights or statistics are."""
 
 
 def plain_config(cfg: Any) -> Dict[str, Any]:
@@ -54,6 +55,7 @@ def plain_config(cfg: Any) -> Dict[str, Any]:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (timm's mixup draws from NumPy's)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -70,17 +72,14 @@ def _gather_rng() -> List[Dict[str, Any]]:
 
 
 class Trainer:
-    """Builds everything from a config and runs (or resumes) the training; see :func:`train`.
+    """Builds a ``task``'s run from its config and trains (or resumes) it; see :func:`dynconv.engine.train`.
 
-    The task-specific parts (datasets and loaders, the network, the loss of a batch, validation and
-    what is reported) are methods a subclass replaces; :class:`dynconv.engine.detection.DetectionTrainer`
-    does so for detection.
+    The task supplies the data and loaders, the network, the loss of a micro-batch, the metric and what is
+    reported; the trainer runs the same loop for every task.
     """
 
-    score_key = "eval_top1"  # the validation metric that picks ``best.pt``
-
-    def __init__(self, cfg: Any, info: DistInfo) -> None:
-        self.cfg, self.info, self.device = cfg, info, info.device
+    def __init__(self, task: Task, cfg: TrainConfig, info: DistInfo) -> None:
+        self.task, self.cfg, self.info, self.device = task, cfg, info, info.device
         t = cfg.trainer
         if t.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -94,7 +93,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, recipe.optimizer, self.global_batch)
         self.scheduler = build_scheduler(self.optimizer, recipe.scheduler, recipe.epochs, self.updates_per_epoch)
         self.scaler = torch.amp.GradScaler("cuda") if t.amp == "fp16" else None
-        self.mixup, self.criterion = self._build_objectives()
+        task.build_loss(self.data)
         self.checkpoints = CheckpointManager(self.run_dir, is_primary=info.is_primary)
         self.global_step, self.best_score, self.nan_skips = 0, -math.inf, 0
         self.epoch_loss = [0.0, 0]  # sum and count of this epoch's step losses (kept across a resume)
@@ -119,10 +118,11 @@ class Trainer:
         t, info = self.cfg.trainer, self.info
         if not info.is_primary:
             barrier()  # rank 0 checks (or generates) the dataset first
-        self.data = self._build_data()
+        self.data = self.task.build_data()
         if info.is_primary:
             barrier()
-        self.train_loader, self.val_loader = self._build_loaders(loader_workers(t.workers))
+        self.train_loader, self.val_loader = self.task.build_loaders(self.data, self.batch_size,
+                                                                     loader_workers(t.workers), info)
         self.updates_per_epoch = len(self.train_loader) // self.accum_steps
         if t.limit_train_batches:
             self.updates_per_epoch = min(self.updates_per_epoch, t.limit_train_batches)
@@ -130,37 +130,13 @@ class Trainer:
             raise ValueError(f"the training set ({len(self.data.train)} images) gives no full update of "
                              f"{self.global_batch} images; lower recipe.batch_size")
 
-    def _build_data(self) -> Any:
-        return build_data(self.cfg.data, self.cfg.recipe.aug)
-
-    def _build_loaders(self, workers: int) -> Tuple[Any, Any]:
-        info, t = self.info, self.cfg.trainer
-        train = build_loader(self.data.train, batch_size=self.batch_size, train=True, workers=workers,
-                             seed=self.cfg.seed, world_size=info.world_size, rank=info.rank)
-        val = build_loader(self.data.val, batch_size=t.eval_batch_size or self.batch_size, train=False,
-                           workers=workers, world_size=info.world_size, rank=info.rank)
-        return train, val
-
-    def _build_network(self) -> nn.Module:
-        return build_model(self.cfg.model, self.cfg.conv, self.data.num_classes)
-
-    def _build_objectives(self) -> Tuple[Optional[Any], Optional[nn.Module]]:
-        return build_mixup_and_loss(self.cfg.recipe.aug, self.data.num_classes)
-
-    def _count(self, model: nn.Module) -> Tuple[int, Optional[int]]:
-        size = self.cfg.data.image_size
-        return count_params(model), count_macs(model, (1, 3, size, size))
-
-    def _ddp_options(self) -> Dict[str, Any]:
-        return {}
-
     def _setup_model(self) -> None:
         cfg, t = self.cfg, self.cfg.trainer
         seed_everything(cfg.seed)  # the same initial weights (and EMA copy) on every rank
-        model = self._build_network()
+        model = self.task.build_model(self.data, self.info)
         if t.init_checkpoint:
-            print(load_weights(model, t.init_checkpoint, expect=self._identity()))
-        self.params, self.macs = self._count(model)
+            print(load_weights(model, t.init_checkpoint, expect=self.task.identity()))
+        self.params, self.macs = self.task.count(model)
         if t.sync_bn and self.device.type == "cpu":
             raise ValueError("trainer.sync_bn=true needs CUDA devices (torch's SyncBatchNorm has no CPU kernel)")
         if t.sync_bn and self.info.distributed:
@@ -173,31 +149,25 @@ class Trainer:
             model = torch.compile(model)
         if self.info.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=ids, **self._ddp_options())
+            model = DistributedDataParallel(model, device_ids=ids, **self.task.ddp_options())
         self.model = model
         self.module = unwrap_model(model)
 
-    def _identity(self) -> Dict[str, str]:
-        return {"arch": self.cfg.model.name, "conv": self.cfg.conv.name}
-
     # ----------------------------------------------------------------------------------- checkpoints
-    def _meta(self) -> Dict[str, Any]:
-        return {"num_classes": self.data.num_classes, "classes": list(self.data.classes),
-                "image_size": self.cfg.data.image_size}
-
     def state(self) -> Dict[str, Any]:
         """Everything to resume from (collective: every rank contributes its RNG state)."""
-        meta = {**self._identity(), **self._meta(), "dynconv_version": __version__, "format": CHECKPOINT_FORMAT,
-                "global_batch": self.global_batch, "updates_per_epoch": self.updates_per_epoch,
-                "world_size": self.info.world_size, "epoch": self.global_step / self.updates_per_epoch,
-                "schedule_progress": self.schedule_progress()}
+        task = self.task
+        meta = {**task.identity(), **task.meta(self.data), "dynconv_version": __version__,
+                "format": CHECKPOINT_FORMAT, "global_batch": self.global_batch,
+                "updates_per_epoch": self.updates_per_epoch, "world_size": self.info.world_size,
+                "epoch": self.global_step / self.updates_per_epoch, "schedule_progress": self.layer_progress()}
         return {
             "meta": meta, "config": plain_config(self.cfg), "global_step": self.global_step,
-            "best_score": self.best_score, "score_key": self.score_key, "model": self.module.state_dict(),
+            "best_score": self.best_score, "score_key": task.score_key, "model": self.module.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema else None,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None, "rng": _gather_rng(),
-            "epoch_loss": list(self.epoch_loss),
+            "epoch_loss": list(self.epoch_loss), **task.state(),
         }
 
     def save(self, name: str) -> None:
@@ -247,8 +217,9 @@ class Trainer:
         return path
 
     def load_state(self, state: Dict[str, Any], path: Path) -> None:
+        """Continue from ``state`` (read from ``path``), refused when it is another run's."""
         meta = state.get("meta", {})
-        mine = self._identity()
+        mine = self.task.identity()
         if {k: meta.get(k) for k in mine} != mine:
             theirs = " ".join(f"{k}={meta.get(k)}" for k in mine)
             raise CheckpointError(f"{path} was trained for {theirs}, but this run is "
@@ -277,16 +248,22 @@ class Trainer:
         self.epoch_loss = [float(loss_sum), int(count)]
         rngs = state["rng"]
         set_rng_state(rngs[self.info.rank] if len(rngs) == self.info.world_size else rngs[0])
+        self.task.load_state(state)
 
     # ---------------------------------------------------------------------------------------- steps
     def schedule_progress(self) -> float:
-        """What :func:`dynconv.set_progress` receives: epochs done, sped up by ``recipe.schedule_speed``."""
+        """The run's clock for the layer schedules: epochs done, sped up by ``recipe.schedule_speed``."""
         return self.global_step / self.updates_per_epoch * self.cfg.recipe.schedule_speed
 
-    def _micro_batches(self, epoch: int, start_update: int) -> Iterator[List[Tuple[torch.Tensor, torch.Tensor]]]:
+    def layer_progress(self) -> float:
+        """What :func:`dynconv.set_progress` receives: the run's clock, unless the task holds the schedules
+        elsewhere (detection keeps their end values by default)."""
+        return self.task.layer_progress(self.schedule_progress())
+
+    def _micro_batches(self, epoch: int, start_update: int) -> Iterator[List[Tuple[Any, Any]]]:
         """The epoch's remaining updates, each a list of ``accum_steps`` micro-batches."""
         self.train_loader.set_epoch(epoch, start_batch=start_update * self.accum_steps)
-        group: List[Tuple[torch.Tensor, torch.Tensor]] = []
+        group: List[Tuple[Any, Any]] = []
         update = start_update
         for batch in self.train_loader:
             if update >= self.updates_per_epoch:
@@ -296,19 +273,14 @@ class Trainer:
                 yield group
                 group, update = [], update + 1
 
-    def _loss(self, images: Any, targets: Any) -> torch.Tensor:
-        """The training loss of one micro-batch (under autocast), the layers' auxiliary terms included."""
-        images, targets = to_device(images, self.device, self.cfg.trainer.channels_last), targets.to(self.device)
-        if self.mixup is not None:
-            images, targets = self.mixup(images, targets)
-        return self.criterion(self.model(images), targets) + auxiliary_loss(self.module)
-
-    def _forward_backward(self, images: Any, targets: Any, sync: bool) -> torch.Tensor:
+    def _forward_backward(self, inputs: Any, targets: Any, sync: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch (under autocast), the layers' auxiliary terms included;
+        DDP's gradient all-reduce waits for the last micro-batch of the update (``sync``)."""
         t = self.cfg.trainer
         context = nullcontext() if sync or not self.info.distributed else self.model.no_sync()
         with context:
             with autocast(self.device, t.amp):
-                loss = self._loss(images, targets)
+                loss = self.task.loss(self.model, inputs, targets, self.device) + auxiliary_loss(self.module)
             scaled = loss / self.accum_steps
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return loss.detach().float()
@@ -328,16 +300,16 @@ class Trainer:
             return False
         raise NonFiniteLossError(f"{where}: stopping ({self._kept()}). {self._advice()}")
 
-    def train_step(self, group: List[Tuple[torch.Tensor, torch.Tensor]], epoch: int) -> Optional[float]:
+    def train_step(self, group: List[Tuple[Any, Any]], epoch: int) -> Optional[float]:
         """One optimizer update over ``group``; returns the loss averaged over ranks (None if skipped)."""
-        set_progress(self.module, self.schedule_progress())
+        set_progress(self.module, self.layer_progress())
         apply_schedule(self.scheduler, epoch, self.global_step)
         self.model.train()
         # a skipped step must leave the BatchNorm statistics too as they were: its forward updated them
         before = [b.clone() for b in self.module.buffers()] if self.cfg.trainer.nan_policy == "skip" else None
         total = torch.zeros(1, device=self.device)
-        for i, (images, targets) in enumerate(group):
-            total += self._forward_backward(images, targets, sync=i == len(group) - 1)
+        for i, (inputs, targets) in enumerate(group):
+            total += self._forward_backward(inputs, targets, sync=i == len(group) - 1)
         loss = (all_reduce_sum(total) / (len(group) * self.info.world_size)).item()
         take = self._check_finite(loss, epoch)
         if take:
@@ -393,19 +365,23 @@ class Trainer:
                     self.save("last")
         return self.epoch_loss[0] / max(self.epoch_loss[1], 1)
 
-    def validate(self) -> Dict[str, float]:
-        t = self.cfg.trainer
+    def validate(self) -> Dict[str, Any]:
+        """The task's metrics of the model (and its EMA copy) as an ``eval_*`` row; a metric's printable
+        ``summary`` goes to the console (``trainer.progress``), not into the row."""
         self._sync_buffers()  # every rank scores, and the checkpoint holds, the same statistics
-        kwargs = dict(device=self.device, amp=t.amp, channels_last=t.channels_last, limit=t.limit_eval_batches)
-        progress = self.schedule_progress()  # the schedules where the checkpoint leaves them
+        progress = self.layer_progress()  # the schedules where the checkpoint leaves them
         set_progress(self.module, progress)
         # the bare module: a DDP forward could wait on a collective while ranks hold different shard sizes
-        metrics = {f"eval_{k}": v for k, v in evaluate(self.module, self.val_loader, **kwargs).items()}
+        metrics = self.task.evaluate(self.module, self.val_loader, self.data, self.device)
+        if "summary" in metrics and self.info.is_primary and self.cfg.trainer.progress:
+            print(metrics["summary"], flush=True)
+        row = {f"eval_{k}": v for k, v in metrics.items() if k != "summary"}
         if self.ema is not None:
             set_progress(self.ema.module, progress)  # EMA's buffers would lag the schedule
-            ema = evaluate(self.ema.module, self.val_loader, **kwargs)
-            metrics.update({f"eval_ema_{k}": v for k, v in ema.items() if k != "count"})
-        return metrics
+            ema = self.task.evaluate(self.ema.module, self.val_loader, self.data, self.device)
+            row.update({f"eval_ema_{k}": v for k, v in ema.items() if k not in ("summary", "count")})
+        self.task.validated(row)
+        return row
 
     def fit(self) -> Dict[str, Any]:
         """Train to the end (or ``trainer.max_epochs``); returns the run's summary."""
@@ -413,7 +389,7 @@ class Trainer:
         resumed = self.resume()
         end_epoch = min(cfg.recipe.epochs, t.max_epochs or cfg.recipe.epochs)
         logger = RunLogger(self.run_dir, config=plain_config(cfg), is_primary=self.info.is_primary,
-                           wandb=self._wandb_options())
+                           wandb=wandb_options(cfg, self.task.name_parts()))
         with logger:
             self._announce(resumed, end_epoch)
             if t.eval_before_train and self.global_step == 0:
@@ -426,15 +402,17 @@ class Trainer:
                 if not math.isfinite(row.get("eval_loss", 0.0)):
                     raise NonFiniteLossError(f"non-finite evaluation loss ({row['eval_loss']}) after epoch {epoch + 1}: "
                                              f"no checkpoint written for it ({self._kept()}). {self._advice()}")
-                improved = row[self.score_key] > self.best_score
-                self.best_score = max(self.best_score, row[self.score_key])
+                score = row[self.task.score_key]
+                improved = score > self.best_score
+                self.best_score = max(self.best_score, score)
                 # best.pt and the epoch's row before last.pt moves on: a kill in between repeats the epoch
                 # (exactly) on resume instead of losing its row or its best checkpoint
                 if improved:
                     self.save("best")
                 logger.log_epoch(row, step=self.global_step)
                 self.save("last")
-                self._print_epoch(row)
+                if self.info.is_primary:
+                    print(epoch_line(row, cfg.recipe.epochs, self.task.scores(row)), flush=True)
             summary = self._summary()
             logger.set_summary(**summary)
         return summary
@@ -447,33 +425,15 @@ class Trainer:
         row = {"epoch": 0, **self.validate(), "lr": current_lr(self.optimizer)}
         logger.log_epoch(row, step=0)
         if self.info.is_primary:
-            scores = "  ".join(f"{k[5:]} {v:.4f}" if k.endswith("loss") else f"{k[5:]} {v:.2f}"
-                               for k, v in row.items() if k.startswith("eval_") and k != "eval_count")
-            print(f"epoch 0/{self.cfg.recipe.epochs} (before training): {scores}", flush=True)
+            print(before_training_line(row, self.cfg.recipe.epochs), flush=True)
 
     # -------------------------------------------------------------------------------------- reporting
-    def _wandb_options(self) -> Optional[Dict[str, Any]]:
-        lc = self.cfg.logger
-        if lc.name != "wandb":
-            return None
-        parts = self._name_parts()
-        tags = [*parts, *lc.tags]
-        name = "-".join(parts) + f"-s{self.cfg.seed}"
-        return {"project": lc.project, "entity": lc.entity, "group": lc.group or self.cfg.name, "name": name,
-                "job_type": lc.job_type, "tags": list(dict.fromkeys(tags)), "mode": lc.mode}
-
-    def _name_parts(self) -> List[str]:
-        """What names the run on W&B (joined with ``-``, plus the seed) and tags it."""
-        return [self.cfg.model.name, self.cfg.conv.name, self.cfg.recipe.name]
-
-    def _title(self) -> str:
-        return f"{self.cfg.model.name} conv={self.cfg.conv.name}"
-
     def _announce(self, resumed: Optional[Path], end_epoch: int) -> None:
+        """The run's first console lines: what trains on what, the model's size, the batch arithmetic."""
         if not self.info.is_primary:
             return
         cfg = self.cfg
-        print(f"dynconv: {self._title()} recipe={cfg.recipe.name} data={cfg.data.name} "
+        print(f"dynconv: {self.task.title()} recipe={cfg.recipe.name} data={cfg.data.name} "
               f"({len(self.data.train)} train / {len(self.data.val)} val images, {self.data.num_classes} classes)")
         macs = f", {self.macs / 1e9:.3f}G MACs at {cfg.data.image_size}px" if self.macs is not None else ""
         print(f"  {self.params / 1e6:.2f}M params{macs}; "
@@ -485,44 +445,14 @@ class Trainer:
         if self.global_step >= end_epoch * self.updates_per_epoch:
             print(f"  nothing to do: the run already finished epoch {end_epoch}", flush=True)
 
-    def _print_epoch(self, row: Dict[str, Any]) -> None:
-        if not self.info.is_primary:
-            return
-        ema = f" ema top-1 {row['eval_ema_top1']:.2f}" if "eval_ema_top1" in row else ""
-        print(f"epoch {row['epoch']}/{self.cfg.recipe.epochs}: train loss {row['train_loss']:.4f}  "
-              f"eval loss {row['eval_loss']:.4f} top-1 {row['eval_top1']:.2f} top-5 {row['eval_top5']:.2f}{ema}  "
-              f"lr {row['lr']:.3g}  {row['epoch_time_s']:.0f}s", flush=True)
-
-    def _summary_extra(self) -> Dict[str, Any]:
-        return {"best_top1": self.best_score}
-
     def _summary(self) -> Dict[str, Any]:
-        cfg = self.cfg
-        done = self.global_step // self.updates_per_epoch
-        summary = {"name": cfg.name, "arch": cfg.model.name, "conv": cfg.conv.name, "recipe": cfg.recipe.name,
-                   "data": cfg.data.name, "image_size": cfg.data.image_size, "seed": cfg.seed,
-                   "epochs": cfg.recipe.epochs, "epochs_done": done, "finished": done >= cfg.recipe.epochs,
-                   **self._summary_extra(), "params": self.params, "macs": self.macs,
-                   "checkpoint": str(self.checkpoints.path("last"))}
+        """The run's summary (printed on the primary rank), the task's values in it."""
+        summary = run_summary(self.cfg, self.global_step // self.updates_per_epoch,
+                              self.task.summary(self.best_score), self.params, self.macs,
+                              str(self.checkpoints.path("last")))
         if self.info.is_primary:
             print("summary: " + json.dumps(summary), flush=True)
         return summary
 
 
-def train(cfg: Any) -> Dict[str, Any]:
-    """Train (or resume) the run described by ``cfg`` (a :class:`~dynconv.engine.config.TrainConfig`)."""
-    validate(cfg)
-    cls = Trainer
-    if cfg.task == "detection":
-        from .detection import DetectionTrainer as cls  # pycocotools and the detection data, only when needed
-    info = init_distributed(cfg.trainer.device)
-    if cfg.trainer.reuse_freed_memory:
-        reuse_freed_memory(info.device)
-    trainer = None
-    try:
-        trainer = cls(cfg, info)
-        return trainer.fit()
-    finally:
-        if trainer is not None:
-            trainer.close()
-        shutdown()
+__all__ = ["CHECKPOINT_FORMAT", "NonFiniteLossError", "Trainer", "plain_config", "seed_everything"]
