@@ -41,6 +41,8 @@ class ModelConfig:
 class ConvConfig:
     name: str = "static"
     options: Dict[str, Any] = field(default_factory=dict)  # family options: kernel_num, temperature_epochs, ...
+    # a family defined outside dynconv: the .py file (or module name) that registers it, imported first
+    module: Optional[str] = None
 
 
 @dataclass
@@ -370,13 +372,15 @@ def _check_pretrained(value: Optional[str]) -> None:
 def validate(cfg: Any) -> None:
     """Checks across keys that the schema cannot express; raises ValueError naming the key."""
     from ..models import DROP_PATH_MODES, list_archs
-    from ..registry import list_convs
+    from ..registry import list_convs, load_family_module
 
     extra = unknown_keys(cfg)
     if extra:
         raise ValueError(f"{extra[0]} is not a config key (given with '+'?){_did_you_mean(extra[0], cfg)}")
     _choice("task", cfg.task, TASKS)
     _choice("model.name", cfg.model.name, tuple(list_archs()))
+    if cfg.conv.module:
+        load_family_module(cfg.conv.module)
     _choice("conv.name", cfg.conv.name, tuple(list_convs()))
     detection = cfg.task == "detection"
     _choice("data.name", cfg.data.name, DETECTION_DATA if detection else CLASSIFICATION_DATA)
