@@ -16,7 +16,7 @@ from .pretrained import PretrainedReport, init_from_static
 from .schedules import UndrivenScheduleWarning, drive_schedules, set_progress
 from .surgery import ConvertReport, convert
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 __all__ = [
     "ARCHS",

@@ -142,15 +142,15 @@ def matches(run: Run, row: dict, tables: Collection[str]) -> bool:
 
 def dynconv_counter(image_size: int = 224) -> Counter:
     """Parameters (M) and MACs (G) of ``create_model(arch, conv)``, computed once per pair."""
-    import dynconv
+    from .accounting import count_macs, count_params
+    from .models import create_model
 
     cache: Dict[Tuple[str, str], Tuple[float, float]] = {}
 
     def count(arch: str, conv: str) -> Tuple[float, float]:
         if (arch, conv) not in cache:
-            model = dynconv.create_model(arch, conv)
-            cache[arch, conv] = (dynconv.count_params(model) / 1e6,
-                                 dynconv.count_macs(model, (1, 3, image_size, image_size)) / 1e9)
+            model = create_model(arch, conv)
+            cache[arch, conv] = (count_params(model) / 1e6, count_macs(model, (1, 3, image_size, image_size)) / 1e9)
         return cache[arch, conv]
 
     return count

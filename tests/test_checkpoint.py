@@ -15,10 +15,9 @@ from dynconv.checkpoint import (
     clean_state_dict,
     load_checkpoint,
     load_weights,
-    rng_state,
-    set_rng_state,
     unwrap_model,
 )
+from dynconv.rng import rng_state, set_rng_state
 
 
 class _Custom:  # module level so that pickle can name it

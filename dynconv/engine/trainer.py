@@ -26,10 +26,11 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .. import __version__  # defined by the package itself
+from .._version import __version__
 from ..auxiliary import auxiliary_loss
-from ..checkpoint import CheckpointError, CheckpointManager, first_non_finite, load_checkpoint, load_weights, \
-    rng_state, set_rng_state, unwrap_model
+from ..checkpoint import (CheckpointError, CheckpointManager, first_non_finite, load_checkpoint, load_weights,
+                          unwrap_model)
+from ..rng import rng_state, set_rng_state
 from ..schedules import set_progress
 from .builders import loader_workers
 from .config import TrainConfig
