@@ -19,9 +19,8 @@ import importlib.util
 import inspect
 import sys
 from dataclasses import dataclass, field, replace
-from types import MappingProxyType
 from pathlib import Path
-from types import ModuleType
+from types import MappingProxyType, ModuleType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
@@ -153,6 +152,7 @@ class Family:
 
     @property
     def leaves(self) -> Tuple[type, ...]:
+        """The classes ``torch.fx`` keeps whole."""
         return self.layers if self.fx_leaves is None else self.fx_leaves
 
 
@@ -162,7 +162,7 @@ _LISTENERS: List[Callable[[Family], None]] = []
 
 
 def register_family(family: Family, *, replace_existing: bool = False) -> Family:
-    """Add ``family`` and its variants to the registry (usable as ``@``-less call at module level).
+    """Add ``family`` and its variants to the registry; a family's module calls it once, at import.
 
     Raises if the family or one of its variant names is taken (``replace_existing=True`` re-registers a family
     of the same name, e.g. when a notebook re-runs the cell that defines it). Returns the family as stored, its

@@ -106,4 +106,4 @@ WEIGHTNET = dynconv.register_family(dynconv.Family(
     },
     from_static={WeightNetConv2d: from_static},
     paper="Ma et al., ECCV 2020, arXiv:2007.11823",
-), replace_existing=True)
+))
