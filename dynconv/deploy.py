@@ -252,9 +252,11 @@ class DeployedKWConv2d(KWConv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         contracts = not is_fx_tracing() and self._contracts_cells(x)
         on_kernels = self._scales_kernels(x)
-        if is_fx_tracing() or (on_kernels and not contracts):
+        if is_fx_tracing() or (on_kernels and not contracts and self._one_sample(x)):
             return super().forward(x)  # through kernel() (one sample: _forward_one): scaled kernels
         attention = self.attention(x)
+        if on_kernels and not contracts:  # the scaled kernels, assembled (an inference model: none kept for a backward)
+            return per_sample_conv2d(x, self.kernel(attention), self.bias, **self._conv_kwargs())
         if contracts:
             # explicit cells: KWConv2d's own cell path takes (rows, bank), which cannot carry a per-channel scale
             cells = self.mixture_cells(attention) if on_kernels else KWConv2d.mixture_cells(self, attention)

@@ -2,7 +2,7 @@
 patterns, 224x224 input): a dense 3x3 conv of the same width (the cost IC-Conv should have), the official
 loop, the single zero-embedded conv ("union"), the cost-model packing ("auto", the default) and a
 script-local candidate with exact MACs ("taps": one 1x1 GEMM to 9 C_out maps, then a per-channel
-shift-add). Also fits the cost model of ``dynconv.ops._icconv_plan.cpu_conv_cost`` on single convolutions.
+shift-add). Also fits the cost model of ``dynconv.ops._cpu_tuning.cpu_conv_cost`` on single convolutions.
 
     python scripts/bench_icconv.py                      # writes results/icconv_fused_cpu.{md,json}
     python scripts/bench_icconv.py --batch 1 --repeats 3 --out /tmp/icconv   # quick look
@@ -24,7 +24,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-from dynconv.ops._icconv_plan import cpu_conv_cost
+from dynconv.ops._cpu_tuning import cpu_conv_cost
 from dynconv.ops.icconv import InceptionConv2d
 from dynconv.patterns import load_patterns
 

@@ -233,6 +233,7 @@ def test_gelu_before_a_per_sample_conv_gets_the_right_gradient(case, grad_guard)
     The GELU input's gradient must match float64 autograd on every path; where the guard is on, the
     gradient reaching the GELU output must be contiguous."""
     from dynconv.ops.functional import per_sample_conv2d
+    from dynconv.ops.kernels import Kernels
 
     torch.manual_seed(0)
     shape, kwargs = _per_sample_case(case)
@@ -249,8 +250,8 @@ def test_gelu_before_a_per_sample_conv_gets_the_right_gradient(case, grad_guard)
         x = torch.nn.functional.gelu(x0.to(dtype))
         seen = []
         x.register_hook(seen.append)
-        out = per_sample_conv2d(x, weight.to(dtype), tap_scale=None if tap_scale is None else tap_scale.to(dtype),
-                                in_scale=None if in_scale is None else in_scale.to(dtype), **kwargs)
+        out = per_sample_conv2d(x, Kernels(weight.to(dtype), spatial=None if tap_scale is None else tap_scale.to(dtype),
+                                           in_channel=None if in_scale is None else in_scale.to(dtype)), **kwargs)
         grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
         return torch.autograd.grad(out, leaves, grad), seen[0]
 

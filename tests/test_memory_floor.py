@@ -9,7 +9,8 @@ from dynconv import create_model
 from dynconv.benchmark import BenchSettings
 from dynconv.memory_floor import (LiveTensorTracker, attention_activation_bytes, live_training_memory,
                                   peak_holders, training_memory_floor)
-from dynconv.ops import functional
+from dynconv.ops import _cpu_tuning, functional
+from dynconv.ops.kernels import Kernels, MixedKernels
 from dynconv.ops.odconv import ODConv2d
 
 F32 = 4
@@ -98,7 +99,7 @@ def test_mixed_kernels_in_slices_equal_mixing_first(monkeypatch, groups, kernel,
     """per_sample_conv2d(mixing=...) on the matmul path forms the per-sample kernels a slice of output
     channels at a time (one channel per slice here); values and float64 gradients equal mixing first and
     convolving each sample with its kernel (the grouped path)."""
-    monkeypatch.setattr(functional, "MIX_CHUNK_BYTES", 1)
+    monkeypatch.setattr(_cpu_tuning, "MIX_CHUNK_BYTES", 1)
     torch.manual_seed(0)
     batch, n, c_in, c_out = 3, 4, 8, 6 if groups != 4 else 8
     opts = dict(dtype=torch.float64, requires_grad=True)
@@ -107,9 +108,11 @@ def test_mixed_kernels_in_slices_equal_mixing_first(monkeypatch, groups, kernel,
     bank = torch.randn(n, c_out, c_in // groups, kernel, kernel, **opts)
     taps = torch.rand(batch, kernel * kernel, **opts) if "taps" in attentions else None
     channels = torch.rand(batch, c_in, **opts) if "channels" in attentions else None
-    args = dict(stride=(stride, stride), padding=(kernel // 2,) * 2, groups=groups, tap_scale=taps, in_scale=channels)
-    got = functional.per_sample_conv2d(x, None, None, mixing=(coeffs, bank), path="matmul", **args)
-    expected = functional.per_sample_conv2d(x, functional.mix_kernels(coeffs, bank), None, path="grouped", **args)
+    args, factors = dict(stride=(stride, stride), padding=(kernel // 2,) * 2, groups=groups), dict(spatial=taps,
+                                                                                                  in_channel=channels)
+    got = functional.per_sample_conv2d(x, MixedKernels(coeffs, bank, **factors), None, path="matmul", **args)
+    expected = functional.per_sample_conv2d(x, Kernels(functional.mix_kernels(coeffs, bank), **factors), None,
+                                            path="grouped", **args)
     torch.testing.assert_close(got, expected)
     leaves = [t for t in (x, coeffs, bank, taps, channels) if t is not None]
     upstream = torch.randn_like(expected)
@@ -128,7 +131,7 @@ def test_mixed_kernels_are_never_all_alive_in_training(monkeypatch):
     kernels_bytes = batch * layer.weight[0].numel() * 8
 
     def step_peak(chunk_bytes: int) -> int:
-        monkeypatch.setattr(functional, "MIX_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(_cpu_tuning, "MIX_CHUNK_BYTES", chunk_bytes)
         with LiveTensorTracker() as tracker:
             tracker.add([x, *layer.parameters()], "inputs")
             before = tracker.current
@@ -147,7 +150,7 @@ def test_mixed_kernels_are_never_all_alive_in_training(monkeypatch):
 def test_kernelwarehouse_cells_mixed_in_chunks_equal_mixing_first(monkeypatch, chunk_bytes, blocks, kernel, stride):
     """cell_conv2d(mixing=(rows, bank)) forms the cells a chunk of mixtures at a time (one here, or all);
     values and float64 gradients equal mixing the cells first (``rows @ bank``) and contracting them."""
-    monkeypatch.setattr(functional, "MIX_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(_cpu_tuning, "MIX_CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(0)
     batch, n, cell_out, cell_in = 3, 5, 4, 3
     mixtures = kernel * kernel * blocks[0] * blocks[1]

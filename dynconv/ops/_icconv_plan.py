@@ -1,6 +1,6 @@
 """How an :class:`~dynconv.ops.icconv.InceptionConv2d` runs its dilation members: which members share one
 convolution (a pack whose kernel holds each member's taps zero-embedded in the union tap grid), chosen per
-input size by a cost model fitted to oneDNN on CPU (``scripts/bench_icconv.py``, ``results/icconv_fused_cpu.md``).
+input size by a cost model fitted to oneDNN on CPU (:func:`dynconv.ops._cpu_tuning.cpu_conv_cost`).
 
 This is speed machinery only: the layer's math is one dense convolution per member, concatenated
 (:meth:`~dynconv.ops.icconv.InceptionConv2d.forward_loop`), and every plan computes exactly that.
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+
+from . import _cpu_tuning
 
 Dilation = Tuple[int, int]
 
@@ -82,50 +84,6 @@ def _embed(weights: Sequence[torch.Tensor], pack: _Pack) -> torch.Tensor:
     return kernel
 
 
-@dataclass(frozen=True)
-class ConvCost:
-    """Predicted milliseconds of one convolution call with ``n`` output channels, ``taps`` kernel taps,
-    ``reduction`` input channels per group and ``out_pixels`` output pixels (batch included)::
-
-        overhead + unit * ceil(n / block) * taps * reduction * out_pixels  [+ embed * n * reduction * taps]
-
-    ``block`` is the number of output channels the backend computes together; the bracketed term, for
-    packs of several members only, builds the zero-filled packed kernel. A merge must save ``margin``
-    of the pair's predicted time, so near-ties the model cannot resolve stay apart.
-    """
-
-    overhead: float
-    unit: float
-    embed: float
-    block: int
-    margin: float = 0.1
-
-    def __call__(self, n: int, taps: int, reduction: int, out_pixels: int, packed: bool) -> float:
-        t = self.overhead + self.unit * math.ceil(n / self.block) * taps * reduction * out_pixels
-        return t + (self.embed * n * reduction * taps if packed else 0.0)
-
-
-# fp32 lanes of oneDNN's CPU kernels (16 with AVX-512, 8 with AVX2), read at import: torch.compile cannot
-# trace the string the capability query returns
-_SIMD_BLOCK = 16 if "512" in torch.backends.cpu.get_cpu_capability() else 8
-
-
-def cpu_conv_cost(training: bool = False) -> ConvCost:
-    """oneDNN fp32 on CPU, fitted (relative least squares) on single convolutions of the ic_resnet50
-    layer shapes at batch 1 and 16 by ``scripts/bench_icconv.py``; ``training``: forward + backward.
-
-    oneDNN computes output channels in SIMD-width blocks (16 fp32 lanes with AVX-512, 8 with AVX2), in
-    the backward pass too: a member with 1..16 channels costs as much as one with 16, which is what
-    makes a loop of narrow members slow and packing them into one wider conv with a few zero taps
-    worthwhile. ``embed`` is the zero-filled packed kernel and its gradient (packed kernels are cached
-    when autograd is off).
-    """
-    block = _SIMD_BLOCK
-    if training:
-        return ConvCost(overhead=0.45, unit=2.8e-7, embed=1.5e-6, block=block)
-    return ConvCost(overhead=0.10, unit=8.3e-8, embed=0.0, block=block)  # packed kernels are cached
-
-
 def plan_members(
     members: Sequence[_Member],
     kernel: Tuple[int, int],
@@ -140,7 +98,7 @@ def plan_members(
     """Partition members into packs, each run as one convolution.
 
     ``"auto"``: greedy agglomeration, merging the two packs whose merge saves the most predicted time
-    (:class:`ConvCost`), until no merge saves enough; on devices without a fitted cost model every
+    (:class:`~dynconv.ops._cpu_tuning.ConvCost`), until no merge saves enough; on devices without a fitted cost model every
     member runs alone. ``"union"``: merge whatever may be merged. ``"loop"``: one pack per member.
     A merge is allowed when (a) the union kernel is no wider (in taps) than the input, where oneDNN
     switches to a slow path and taps fall wholly in padding, and (b) for grouped layers (``group_width``
@@ -150,7 +108,7 @@ def plan_members(
     packs: List[Tuple[int, ...]] = [(i,) for i in range(len(members))]
     if impl == "loop" or len(members) == 1:
         return packs
-    model = cpu_conv_cost(rebuild) if device_type == "cpu" else None
+    model = _cpu_tuning.cpu_conv_cost(rebuild) if device_type == "cpu" else None
     if impl == "auto" and model is None:
         return packs
 

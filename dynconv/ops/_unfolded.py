@@ -8,10 +8,11 @@ layer's input, which oneDNN's convolution backward (the static network's) never 
 layers they made the peak of a training step (``results/bench_cpu.md``, memory table).
 
 :class:`SampleChunkedMatmul` keeps the forward as it was and runs the backward over chunks of samples with
-at most :data:`UNFOLD_CHUNK_BYTES` of ``cols`` each: per chunk it rebuilds ``cols`` from the input, takes
-the kernels' gradient and the columns' gradient from a :class:`KernelOperand` (how the kernels are given:
-shared, per sample, or mixed from a bank), and folds the latter back through the unfold by autograd. The
-products are the same as the whole batch's, so the gradients are equal up to float summation order.
+at most :data:`~dynconv.ops._cpu_tuning.UNFOLD_CHUNK_BYTES` of ``cols`` each: per chunk it rebuilds ``cols``
+from the input, takes the kernels' gradient and the columns' gradient from a :class:`KernelOperand` (how the
+kernels are given: shared, per sample, or mixed from a bank), and folds the latter back through the unfold
+by autograd. The products are the same as the whole batch's, so the gradients are equal up to float
+summation order.
 """
 from __future__ import annotations
 
@@ -21,9 +22,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-# The most bytes of unfolded input (per chunk of samples) the matmul path's backward forms at once.
-UNFOLD_CHUNK_BYTES = 8 * 2**20
-
+from . import _cpu_tuning
 
 def unfold_taps(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int] = (1, 1),
                 padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), taps_first: bool = False):
@@ -108,7 +107,7 @@ class SampleChunkedMatmul(torch.autograd.Function):
         d_taps = torch.zeros_like(tap_scale) if need_taps else None
         grads: List[Optional[torch.Tensor]] = [None] * len(tensors)
         per_sample = x[:1].numel() * geometry.kernel_size[0] * geometry.kernel_size[1] * x.element_size()
-        step = max(1, UNFOLD_CHUNK_BYTES // max(1, per_sample))
+        step = max(1, _cpu_tuning.UNFOLD_CHUNK_BYTES // max(1, per_sample))
         for start in range(0, batch, step):
             samples = slice(start, min(start + step, batch))
             with torch.enable_grad():

@@ -17,6 +17,7 @@ from torch import nn
 from ._base import DynamicConv2dBase, IntOrPair, Padding, init_bias_like_conv
 from ._routing import global_pool
 from .functional import per_sample_conv2d
+from .kernels import MixedKernels
 
 
 class CondConv2d(DynamicConv2dBase):
@@ -53,8 +54,8 @@ class CondConv2d(DynamicConv2dBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = torch.sigmoid(self.routing(global_pool(x).flatten(1)))
-        return per_sample_conv2d(x, None, self.mixed_bias(routing), **self._conv_kwargs(),
-                                 mixing=(routing, self.weight))
+        return per_sample_conv2d(x, MixedKernels(routing, self.weight), self.mixed_bias(routing),
+                                 **self._conv_kwargs())
 
     def mixed_bias(self, routing: torch.Tensor) -> Optional[torch.Tensor]:
         """``(B, C_out)``: the experts' biases weighted by the routing, or ``None`` without biases."""

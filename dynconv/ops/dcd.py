@@ -30,6 +30,7 @@ from torch import nn
 from ._base import DynamicConv2dBase, IntOrPair, Padding, refuse_scripting
 from ._recompute import tracing
 from .functional import folds_out_scale, per_sample_conv2d
+from .kernels import Kernels
 from ._norm import SafeBatchNorm1d, SafeBatchNorm2d
 
 
@@ -158,8 +159,8 @@ class DCDConv2d(DynamicConv2dBase):
 
     def _scaled_conv(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         conv = self.conv
-        return per_sample_conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups,
-                                 out_scale=scale)
+        return per_sample_conv2d(x, Kernels(conv.weight, out_channel=scale), None, conv.stride, conv.padding,
+                                 conv.dilation, conv.groups)
 
     def _project(self, z: torch.Tensor) -> torch.Tensor:
         """``P z`` plus the layer's static bias, in one convolution."""

@@ -39,13 +39,13 @@ from torch import nn
 
 from .._compat import is_compiling
 from ..schedules import dgc_pruning
+from . import _cpu_tuning
 from ._base import DynamicConv2dBase, IntOrPair, Padding
 from ._scheduled import ScheduledModule
 from .functional import conv_patches, per_sample_conv2d
+from .kernels import Kernels
 
 LASSO_LAMBDA = 1e-5  # official --group-lasso-lambda default
-_MATMUL_MAX_PIXELS = 256  # sparse path: unfold + matmul up to this many output pixels, conv above
-_CHANNEL_BLOCK = {"cpu": 16}  # per device type: channels per group rounded up to this on the sparse path
 
 
 class SaliencyHead(nn.Module):
@@ -200,23 +200,22 @@ class DGCConv2d(DynamicConv2dBase, ScheduledModule):
         by its saliencies, ``conv(x * s_h, W_h)`` (the same as scaling the kernel's input channels), and
         the heads' outputs interleave (output channel ``o * heads + h``). No per-sample kernels: in
         training those (``B`` x the weights, and as much again for their gradient) were the layer's
-        largest tensors; each scaled input is rebuilt in the backward (``in_scale``)."""
+        largest tensors; each scaled input is rebuilt in the backward."""
         if x.shape[0] == 1 and not torch.is_grad_enabled():  # one sample: one conv with folded kernels
             weight = self.head_weights().transpose(0, 1) * saliency[0][None, :, :, None, None]
             return F.conv2d(x, weight.reshape(self.out_channels, self.in_channels, *self.kernel_size), None,
                             self.stride, self.padding, self.dilation)
-        outs = [per_sample_conv2d(x, head.conv.weight, None, self.stride, self.padding, self.dilation,
-                                  in_scale=saliency[:, h]) for h, head in enumerate(self.head_modules())]
+        outs = [per_sample_conv2d(x, Kernels(head.conv.weight, in_channel=saliency[:, h]), None, self.stride,
+                                  self.padding, self.dilation) for h, head in enumerate(self.head_modules())]
         return torch.stack(outs, dim=2).flatten(1, 2)
 
     def sparse_width(self, device: torch.device) -> int:
         """Input channels each head reads on the sparse path: the kept ones, rounded up to the
-        channel block of oneDNN's CPU kernels (16 floats in AVX-512), where a grouped convolution of
-        29 channels per group runs twice as slow as one of 32. The extra channels are pruned ones,
-        whose saliency is zero, so they change nothing but the work (which :meth:`elementwise_macs`
-        takes back out of the MAC count)."""
+        channel block of oneDNN's CPU kernels (:data:`~dynconv.ops._cpu_tuning.DGC_CHANNEL_BLOCK`, measured
+        there). The extra channels are pruned ones, whose saliency is zero, so they change nothing but the
+        work (which :meth:`elementwise_macs` takes back out of the MAC count)."""
         kept = self.in_channels - self._inactive
-        block = _CHANNEL_BLOCK.get(device.type, 1)
+        block = _cpu_tuning.DGC_CHANNEL_BLOCK.get(device.type, 1)
         return min(self.in_channels, -(-kept // block) * block)
 
     def weight_by_input_channel(self) -> torch.Tensor:
@@ -239,10 +238,11 @@ class DGCConv2d(DynamicConv2dBase, ScheduledModule):
     def sparse_uses_matmul(self, out_pixels: int) -> bool:
         """Sparse path choice: a 1x1 conv is a matmul anyway, and with few output pixels the gathered
         kernels outweigh the activations, so a matmul over the unfolded inputs reads them in place;
-        with many, oneDNN's grouped convolution wins (``scripts/bench_dgc.py`` per-layer table)."""
+        with many, oneDNN's grouped convolution wins
+        (:data:`~dynconv.ops._cpu_tuning.DGC_SPARSE_MATMUL_MAX_PIXELS`)."""
         if isinstance(self.padding, str):
             return False
-        return self.kernel_size == (1, 1) or out_pixels <= _MATMUL_MAX_PIXELS
+        return self.kernel_size == (1, 1) or out_pixels <= _cpu_tuning.DGC_SPARSE_MATMUL_MAX_PIXELS
 
     def forward_sparse(self, x: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
         """Only the kept channels: per sample and head, gather the input channels of highest

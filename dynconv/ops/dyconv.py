@@ -19,6 +19,7 @@ from ..schedules import attention_temperature
 from ._base import DynamicConv2dBase, IntOrPair, Padding
 from ._routing import TemperatureScheduled, global_pool
 from .functional import per_sample_conv2d
+from .kernels import MixedKernels
 
 
 class DYAttention(TemperatureScheduled):
@@ -80,7 +81,7 @@ class DynamicConv2d(DynamicConv2dBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.attention(x)
         bias = attn @ self.bias if self.bias is not None else None
-        return per_sample_conv2d(x, None, bias, **self._conv_kwargs(), mixing=(attn, self.weight))
+        return per_sample_conv2d(x, MixedKernels(attn, self.weight), bias, **self._conv_kwargs())
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_kernels={self.num_kernels}"

@@ -41,6 +41,7 @@ from torch import nn
 from ._base import DynamicConv2dBase, IntOrPair, Padding, init_bias_like_conv
 from ._norm import SafeBatchNorm2d
 from .functional import per_sample_conv2d
+from .kernels import Kernels
 
 
 def spectral_groups(height: int, width: int, groups: int) -> torch.Tensor:
@@ -362,7 +363,7 @@ class FDConv2d(DynamicConv2dBase):
             x = self.FBM(x)
         # channel attention on the input and filter attention on the output: exact (conv is linear per
         # channel), the official code's choice for large kernels; spatial attention per kernel tap
-        y = per_sample_conv2d(x, weight, None, **self._conv_kwargs(), tap_scale=a_s, in_scale=a_c)
+        y = per_sample_conv2d(x, Kernels(weight, spatial=a_s, in_channel=a_c), None, **self._conv_kwargs())
         a_f = self.output_scale(a_f)
         if a_f is not None:
             y = y * a_f[:, :, None, None]

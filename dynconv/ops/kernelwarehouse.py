@@ -6,13 +6,14 @@ arXiv:2308.08361. Checked against the official code, OSVAI/KernelWarehouse
 
 - every KW layer's static kernel is cut into ``m`` cells of shape ``(c_out, c_in, 1, 1)``; the cell
   shape of a warehouse comes from the gcd of its layers' channel counts times the in/out ratios,
-  and the warehouse holds ``n = int(cell_num_ratio * sum m)`` cells (see :func:`cells_taken`);
+  and the warehouse holds ``n = int(cell_num_ratio * sum m)`` cells (:mod:`dynconv.ops._warehouse`);
 - the attention (``fc1 -> norm1 -> ReLU -> fc2`` on the pooled input, hidden width
   ``max(int(C_in * reduction), 16)``) gives ``n + 1`` logits per cell of the layer (the last one
   belongs to an implicit zero cell) and the contrasting-driven attention function
   ``(1 - tau) * z / (sum |z| + 1e-3) + tau * beta`` turns them into (possibly negative) weights;
 - cells are assembled into the kernel in the official order (spatial position slowest, then output
-  block, then input block), which is what official checkpoints need;
+  block, then input block), which is what official checkpoints need
+  (:class:`~dynconv.ops.kernels.WarehouseCells`, the layer's kernel description);
 - layers take contiguous cell slices of their warehouse in ``model.modules()`` order; each slice is
   kaiming(fan_out) initialised and fixes the binary ``beta`` that makes the network at ``tau = 1``
   an ordinary static CNN (``tau`` goes 1 -> 0 over the first epochs, see
@@ -30,19 +31,20 @@ list (as the official code does) while the manager is registered once, at the mo
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.fx._symbolic_trace import is_fx_tracing
 
-from .._compat import autocast_enabled, is_compiling, is_exporting
+from .._compat import is_compiling, is_exporting
 from ..schedules import warehouse_mixing
 from ._base import DynamicConv2dBase, IntOrPair, Padding, refuse_scripting
 from ._norm import SafeBatchNorm1d
-from ._recompute import tracing
 from ._routing import TemperatureScheduled, global_pool
-from .functional import cell_conv2d, choose_path_for, mix_kernels, per_sample_conv2d
+from ._warehouse import _NORMS, WarehouseManager, _per_warehouse, cell_assignment, cells_taken  # noqa: F401 (re-exported)
+from .functional import contracts_cells, per_sample_conv2d
+from .kernels import WarehouseCells
 
 __all__ = [
     "KWAttention",
@@ -53,9 +55,6 @@ __all__ = [
     "cells_taken",
 ]
 
-Ratio = Union[float, Sequence[float]]
-
-
 def _traced_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Tuple[int, int],
                  padding: Any, dilation: Tuple[int, int], groups: int) -> torch.Tensor:
     """The per-sample convolution as one call in an FX graph (its path choice reads the input's shape)."""
@@ -64,62 +63,6 @@ def _traced_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
 # torch.fx keeps calls to this function as graph nodes in every symbolic trace of this module's code.
 torch.fx.wrap("_traced_conv")
-
-_NORMS = ("batch", "layer")
-
-def _sharing_tuple(value: Union[None, str, Sequence[str]]) -> Tuple[str, ...]:
-    """``"layer_conv"`` (the official JSON configs' spelling) and ``("layer", "conv")`` mean the same."""
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return tuple(part for part in value.split("_") if part)
-    return tuple(value)
-
-
-def _per_warehouse(value: Any, count: int, option: str) -> List[Any]:
-    if isinstance(value, (tuple, list)):
-        if len(value) == 1:
-            return list(value) * count
-        if len(value) == count:
-            return list(value)
-        raise ValueError(f"KernelWarehouse option {option!r} has {len(value)} entries for {count} warehouses")
-    return [value] * count
-
-
-def cell_assignment(num_mixtures: int, cell_num_ratio: float) -> List[Optional[int]]:
-    """The cell (offset in the layer's slice) each mixture equals at ``tau = 1``; ``None``: the zero cell.
-
-    Budget ``r >= 1`` (an integer): mixture ``j`` owns cell ``j * r``. Budget ``r < 1`` (``k = int(1 / r)``
-    mixtures per cell): mixture ``j`` owns the next fresh cell when ``j % k == (j // k) % k``, else the
-    zero cell (official ``Warehouse_Manager.allocate``).
-    """
-    if cell_num_ratio >= 1.0:
-        if cell_num_ratio != int(cell_num_ratio):
-            raise ValueError(f"cell_num_ratio must be an integer or 1/integer, got {cell_num_ratio}")
-        return [j * int(cell_num_ratio) for j in range(num_mixtures)]
-    per_cell = int(round(1.0 / cell_num_ratio))
-    offsets: List[Optional[int]] = []
-    taken = 0
-    for j in range(num_mixtures):
-        if j % per_cell == (j // per_cell) % per_cell:
-            offsets.append(taken)
-            taken += 1
-        else:
-            offsets.append(None)
-    return offsets
-
-
-def cells_taken(num_mixtures: int, cell_num_ratio: float) -> int:
-    """Length of the slice :func:`cell_assignment` gives a layer of ``num_mixtures`` mixtures.
-
-    For every official model this sums to ``int(cell_num_ratio * sum m)`` over a warehouse (the
-    official allocate asserts it). Where ``m`` is not a multiple of ``1 / r`` (e.g. the 3-channel
-    MobileNetV2 stem at 1/4x, which the official code never builds) the rule hands out one more cell
-    than ``int(r * m)``; dynconv sizes the warehouse by this count instead of failing.
-    """
-    if cell_num_ratio >= 1.0:
-        return num_mixtures * int(cell_num_ratio)
-    return sum(o is not None for o in cell_assignment(num_mixtures, cell_num_ratio))
 
 
 class KWAttention(TemperatureScheduled):
@@ -213,193 +156,6 @@ class KWAttention(TemperatureScheduled):
         alpha = (1.0 - tau) * z + tau * self.temp_bias
         return alpha[..., :-1].reshape(-1, self.num_cells)
 
-
-class WarehouseManager(nn.Module):
-    """Creates the warehouses of a network and hands their cells to the KW layers.
-
-    Use: build the KW layers with ``warehouse_manager=manager`` and a ``warehouse_name``
-    (``"stage{S}_layer{L}_conv{C}"``; names equal after :meth:`fuse_name` share a warehouse), register
-    the manager once on the network (``network.warehouse_manager = manager``), then call
-    :meth:`store` and :meth:`allocate`. The cell banks are ``self.weights[i]``
-    (``warehouse_manager.weights.{i}`` in the state dict, as in the official checkpoints).
-
-    Every ratio option is a scalar or a tuple with one entry per warehouse in creation order.
-
-    Args:
-        reduction: attention hidden width ratio (1/16).
-        cell_num_ratio: cells in a warehouse / cells its layers are cut into (the budget ``b``).
-        cell_inplane_ratio, cell_outplane_ratio: cell channels / gcd of the layers' channels.
-        sharing_range: name parts that are fused (``("layer", "conv")``: one warehouse per stage).
-        nonlocal_basis_ratio: below 1, enables the attention's non-local basis.
-        attention_norm: ``"batch"`` or ``"layer"``.
-        mixing_epochs: epochs over which tau goes 1 -> 0.
-    """
-
-    def __init__(
-        self,
-        reduction: Ratio = 0.0625,
-        cell_num_ratio: Ratio = 1,
-        cell_inplane_ratio: Ratio = 1,
-        cell_outplane_ratio: Ratio = 1,
-        sharing_range: Union[None, str, Sequence[str]] = (),
-        nonlocal_basis_ratio: Ratio = 1.0,
-        attention_norm: str = "batch",
-        mixing_epochs: float = 20.0,
-    ) -> None:
-        super().__init__()
-        if attention_norm not in _NORMS:
-            raise ValueError(f"attention_norm must be one of {_NORMS}, got {attention_norm!r}")
-        self.reduction = reduction
-        self.cell_num_ratio = cell_num_ratio
-        self.cell_inplane_ratio = cell_inplane_ratio
-        self.cell_outplane_ratio = cell_outplane_ratio
-        self.sharing_range = _sharing_tuple(sharing_range)
-        self.nonlocal_basis_ratio = nonlocal_basis_ratio
-        self.attention_norm = attention_norm
-        self.mixing_epochs = mixing_epochs
-        # fused name -> [(C_out, C_in / groups, kernel dims, device, dtype)], in reservation order.
-        self._reserved: Dict[str, List[tuple]] = {}
-        self.cell_shapes: List[Tuple[int, int]] = []
-        self.weights = nn.ParameterList()
-        self.allocated = False
-
-    @property
-    def warehouse_names(self) -> List[str]:
-        return list(self._reserved)
-
-    def fuse_name(self, name: str) -> str:
-        """``stage2_layer1_conv0`` -> ``stage2_layer_conv`` for ``sharing_range=("layer", "conv")``."""
-        parts = []
-        for part in name.split("_"):
-            for shared in self.sharing_range:
-                if part.startswith(shared):
-                    part = shared
-            parts.append(part)
-        return "_".join(parts)
-
-    def reserve(self, layer: "KWConv2d", warehouse_name: str) -> int:
-        """Record ``layer``'s kernel shape under its (fused) warehouse; returns the warehouse index."""
-        if len(self.weights):
-            raise RuntimeError("WarehouseManager.store() already ran; layers must be reserved before it")
-        name = self.fuse_name(warehouse_name)
-        shape = (layer.out_channels, layer.in_channels // layer.groups, tuple(layer.kernel_size))
-        self._reserved.setdefault(name, []).append(shape + (layer.cell_ndim, layer._factory))
-        return list(self._reserved).index(name)
-
-    def store(self) -> None:
-        """Create one cell bank per warehouse (cell shape from gcds, size from the budget)."""
-        if len(self.weights):
-            raise RuntimeError("WarehouseManager.store() already ran")
-        count = len(self._reserved)
-        ratios = {
-            key: _per_warehouse(getattr(self, key), count, key)
-            for key in ("cell_num_ratio", "cell_inplane_ratio", "cell_outplane_ratio")
-        }
-        for idx, (name, layers) in enumerate(self._reserved.items()):
-            gcd_out = gcd_in = 0
-            for c_out, c_in, *_ in layers:
-                gcd_out, gcd_in = math.gcd(gcd_out, c_out), math.gcd(gcd_in, c_in)
-            cell_out = max(int(gcd_out * ratios["cell_outplane_ratio"][idx]), 1)
-            cell_in = max(int(gcd_in * ratios["cell_inplane_ratio"][idx]), 1)
-            cells = 0
-            for c_out, c_in, kernel, *_ in layers:
-                if c_out % cell_out or c_in % cell_in:
-                    raise ValueError(
-                        f"warehouse {name!r}: cell {cell_out}x{cell_in} does not tile a {c_out}x{c_in} kernel; "
-                        "use cell_inplane_ratio / cell_outplane_ratio that divide the channel gcd"
-                    )
-                layer_mixtures = (c_out // cell_out) * (c_in // cell_in) * math.prod(kernel)
-                cells += cells_taken(layer_mixtures, ratios["cell_num_ratio"][idx])
-            # Equals the official int(cell_num_ratio * mixtures) for every official model (see cells_taken).
-            ndim, (device, dtype) = layers[0][3], layers[0][4]
-            # Every cell is initialised by allocate() (its coverage check guarantees it), so no randn here.
-            bank = torch.empty(cells, cell_out, cell_in, *([1] * ndim), device=device, dtype=dtype)
-            self.weights.append(nn.Parameter(bank))
-            self.cell_shapes.append((cell_out, cell_in))
-
-    def take_cell(self, idx: int) -> torch.Tensor:
-        """The cell bank of warehouse ``idx``, ``(n, c_out, c_in, 1, ...)``."""
-        return self.weights[idx]
-
-    @torch.no_grad()
-    def allocate(self, network: nn.Module) -> None:
-        """Give each KW layer of ``network`` (in ``network.modules()`` order) a contiguous slice of its
-        warehouse, build its attention and initialise its cells (kaiming fan_out on the slice)."""
-        if not len(self.weights) and self._reserved:
-            raise RuntimeError("call WarehouseManager.store() before allocate()")
-        count = len(self.weights)
-        per = {
-            key: _per_warehouse(getattr(self, key), count, key)
-            for key in ("reduction", "cell_num_ratio", "nonlocal_basis_ratio")
-        }
-        ends = [0] * count
-        for layer in network.modules():
-            if isinstance(layer, KWConv2d) and layer.warehouse_manager_ref is self:
-                idx = layer.warehouse_id
-                start = ends[idx]
-                end = layer._attach(
-                    self.weights[idx],
-                    start,
-                    reduction=per["reduction"][idx],
-                    cell_num_ratio=per["cell_num_ratio"][idx],
-                    nonlocal_basis_ratio=per["nonlocal_basis_ratio"][idx],
-                    norm=self.attention_norm,
-                    schedule=warehouse_mixing(self.mixing_epochs),
-                )
-                bank = self.weights[idx]
-                if end > bank.shape[0]:
-                    raise RuntimeError(f"warehouse {self.warehouse_names[idx]!r} has {bank.shape[0]} cells, "
-                                       f"its layers need more ({end} so far)")
-                if end > start:
-                    nn.init.kaiming_normal_(bank[start:end].view(-1, *bank.shape[2:]), mode="fan_out",
-                                            nonlinearity="relu")
-                ends[idx] = end
-        for idx, end in enumerate(ends):
-            if end != self.weights[idx].shape[0]:
-                raise RuntimeError(
-                    f"warehouse {self.warehouse_names[idx]!r}: its layers in this network take {end} cells but it "
-                    f"holds {self.weights[idx].shape[0]} (is every reserved layer part of the network? cell_num_ratio "
-                    "must be an integer or 1/integer)"
-                )
-        self.allocated = True
-
-    def drop_unused(self, network: nn.Module) -> List[str]:
-        """Remove the warehouses no KW layer of ``network`` uses any more (after ``reset_classifier`` or
-        ``prune_intermediate_layers`` took their layers away) and renumber the rest; returns their names.
-
-        A warehouse with at least one layer keeps all its cells: every layer's attention weighs every
-        cell of its warehouse, so each cell still gets a gradient. A warehouse without layers would
-        hold parameters without gradients, which DDP refuses unless ``find_unused_parameters=True``.
-        """
-        layers = [m for m in network.modules() if isinstance(m, KWConv2d) and m.warehouse_manager_ref is self]
-        used = sorted({m.warehouse_id for m in layers})
-        count = len(self.weights)
-        if len(used) == count:
-            return []
-        names = self.warehouse_names
-        for key in ("reduction", "cell_num_ratio", "cell_inplane_ratio", "cell_outplane_ratio",
-                    "nonlocal_basis_ratio"):
-            value = getattr(self, key)
-            if isinstance(value, (tuple, list)) and len(value) == count > 1:
-                setattr(self, key, type(value)(value[i] for i in used))
-        self.weights = nn.ParameterList([self.weights[i] for i in used])
-        self._reserved = {names[i]: self._reserved[names[i]] for i in used}
-        self.cell_shapes = [self.cell_shapes[i] for i in used]
-        renumber = {old: new for new, old in enumerate(used)}
-        for layer in layers:
-            layer.warehouse_id = renumber[layer.warehouse_id]
-        return [name for i, name in enumerate(names) if i not in renumber]
-
-    def forward(self, x: Any) -> Any:
-        """Identity: the manager only holds cells, but as the last child of an ``nn.Sequential``
-        model it is called with the model's output and must hand it on unchanged."""
-        return x
-
-    def extra_repr(self) -> str:
-        rows = [f"{name}: {tuple(w.shape)}" for name, w in zip(self.warehouse_names, self.weights)]
-        return "\n".join(rows)
-
-
 class KWConv2d(DynamicConv2dBase):
     """Drop-in ``nn.Conv2d`` whose kernel is assembled from warehouse cells with per-sample attention.
 
@@ -481,20 +237,18 @@ class KWConv2d(DynamicConv2dBase):
         self.cell_range = (start, end)
         return end
 
-    def kernel(self, attention: torch.Tensor) -> torch.Tensor:
-        """Per-sample kernels ``(B, C_out, C_in / g, kh, kw)`` from ``(B * m, n)`` attention.
+    def cells(self, attention: torch.Tensor) -> WarehouseCells:
+        """The per-sample kernels from ``(B * m, n)`` attention, as the paper builds them: each of the ``m``
+        cells of a kernel is a mixture ``attention @ warehouse`` (:class:`~dynconv.ops.kernels.WarehouseCells`)."""
+        manager = self.warehouse_manager_ref
+        # the cell shape from the manager (under FX the bank's shape is traced)
+        c_out, c_in = manager.cell_shapes[self.warehouse_id]
+        return WarehouseCells(attention, manager.take_cell(self.warehouse_id), (self.attention.num_cells, c_out, c_in),
+                              (self.blocks_out, self.blocks_in), self.kernel_size)
 
-        Mixture ``j = s * (G_out * G_in) + o * G_in + i`` fills output block ``o``, input block ``i``
-        at spatial tap ``s`` (the official layout).
-        """
-        bank = self.warehouse_manager_ref.take_cell(self.warehouse_id)
-        # mix_kernels, with the cell shape from the manager (under FX the bank's shape is traced)
-        c_out, c_in = self.warehouse_manager_ref.cell_shapes[self.warehouse_id]
-        cells = attention @ bank.reshape(self.attention.num_cells, -1)
-        batch = attention.shape[0] // self.num_mixtures
-        cells = cells.reshape(batch, self.blocks_spatial, self.blocks_out, self.blocks_in, c_out, c_in)
-        cells = cells.permute(0, 2, 4, 3, 5, 1)
-        return cells.reshape(batch, self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+    def kernel(self, attention: torch.Tensor) -> torch.Tensor:
+        """Per-sample kernels ``(B, C_out, C_in / g, kh, kw)`` from ``(B * m, n)`` attention, assembled."""
+        return self.cells(attention).assemble()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.attention is None:
@@ -502,7 +256,7 @@ class KWConv2d(DynamicConv2dBase):
                 "KWConv2d has no cells yet: its WarehouseManager must run store() and allocate(model) "
                 "(dynconv.convert does this)"
             )
-        if not torch.is_grad_enabled() and not is_fx_tracing() and not is_exporting() and x.shape[0] == 1:
+        if self._one_sample(x):
             return self._forward_one(x)
         attention = self.attention(x)
         if is_fx_tracing():
@@ -510,13 +264,12 @@ class KWConv2d(DynamicConv2dBase):
             # (``warehouse_manager.weights.N``), which keeps it in the traced module's parameters.
             return _traced_conv(x, self.kernel(attention), self.bias, self.stride, self.padding, self.dilation,
                                 self.groups)
-        if self._contracts_cells(x):
-            # the cells as (rows, bank): in training, mixed a few at a time, never all B x the weights at once
-            out = cell_conv2d(x, None, (self.blocks_out, self.blocks_in), self.kernel_size, self.stride,
-                              self.padding, self.dilation, mixing=self.mixture_rows(attention))
-            return out + self.bias.reshape(1, -1, 1, 1) if self.bias is not None else out
-        weight = self.kernel(attention)
-        return per_sample_conv2d(x, weight, self.bias, **self._conv_kwargs(), rebuild=lambda: self.kernel(attention))
+        return per_sample_conv2d(x, self.cells(attention), self.bias, **self._conv_kwargs())
+
+    @staticmethod
+    def _one_sample(x: torch.Tensor) -> bool:
+        """Batch-1 inference in eager mode, which :meth:`_forward_one` serves."""
+        return not torch.is_grad_enabled() and not is_fx_tracing() and not is_exporting() and x.shape[0] == 1
 
     def _forward_one(self, x: torch.Tensor) -> torch.Tensor:
         """One sample without autograd (batch-1 inference): its kernel is assembled from the mixed cells in one
@@ -546,25 +299,17 @@ class KWConv2d(DynamicConv2dBase):
     def mixture_cells(self, attention: torch.Tensor) -> torch.Tensor:
         """The per-sample cells ``(m, B, cell_out, cell_in)``, mixture-major, for
         :func:`~dynconv.ops.functional.cell_conv2d` (the layout :meth:`kernel` assembles)."""
-        rows, bank = self.mixture_rows(attention)
-        batch = attention.shape[0] // self.num_mixtures
-        return mix_kernels(rows, bank).reshape(self.num_mixtures, batch, bank.shape[1], bank.shape[2])
+        return self.cells(attention).mixed()
 
     def mixture_rows(self, attention: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(rows, bank)``: the cells of :meth:`mixture_cells` are ``rows @ bank``, ``rows`` ``(m * B, n)``
         mixture-major, ``bank`` the warehouse ``(n, cell_out, cell_in)``."""
-        bank = self.warehouse_manager_ref.take_cell(self.warehouse_id)
-        batch = attention.shape[0] // self.num_mixtures
-        rows = attention.reshape(batch, self.num_mixtures, -1).transpose(0, 1).reshape(-1, attention.shape[1])
-        return rows, bank
+        return self.cells(attention).rows()
 
     def _contracts_cells(self, x: torch.Tensor) -> bool:
-        """Whether this call convolves with the cells directly (:func:`cell_conv2d`): on the matmul path
-        with several taps, in plain fp32 eager mode (no autocast, compile or export), without groups."""
-        if (self.groups != 1 or self.blocks_spatial == 1 or isinstance(self.padding, str) or x.is_meta
-                or autocast_enabled(x.device.type) or tracing()):
-            return False
-        return choose_path_for(x, self.kernel_size, self.stride, self.padding, self.groups) == "matmul"
+        """Whether :func:`per_sample_conv2d` convolves with this layer's cells directly
+        (:func:`~dynconv.ops.functional.contracts_cells`)."""
+        return contracts_cells(x, self.kernel_size, self.stride, self.padding, self.groups)
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", warehouse={self.warehouse_id}"

@@ -4,8 +4,11 @@ Li, Zhou, Yao, "Omni-Dimensional Dynamic Convolution", ICLR 2022, arXiv:2209.079
 Checked against the official code, OSVAI/ODConv (modules/odconv.py): the attention layout, the
 ``A = max(int(C_in * reduction), 16)`` hidden width, the kaiming fan-out initialisation, the
 temperature shared by all four heads, and the state-dict names (so official checkpoints load).
-As in the official code the channel attention scales the input and the filter attention scales
-the output (exact, conv is linear per channel), and one spatial map is shared by all kernels.
+The layer states equation (1) as a :class:`~dynconv.ops.kernels.MixedKernels` description; where each
+attention is applied (the channel attention on the input, the filter attention on the kernels' rows or on
+the output, the spatial one on the kernels or the unfolded input: all exact, conv is linear per channel and
+per tap) is :func:`~dynconv.ops.functional.per_sample_conv2d`'s choice. One spatial map, one channel and
+one filter attention are shared by all kernels, as in the official code.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from ._base import DynamicConv2dBase, IntOrPair, Padding
 from ._norm import SafeBatchNorm2d
 from ._routing import TemperatureScheduled, global_pool
 from .functional import per_sample_conv2d
+from .kernels import Kernels, MixedKernels
 
 
 def _kaiming_fan_out(module: nn.Module) -> None:
@@ -122,27 +126,11 @@ class ODConv2d(DynamicConv2dBase):
         if not torch.is_grad_enabled() and not is_fx_tracing() and not is_exporting() and x.shape[0] == 1:
             return self._forward_one(x)
         a_c, a_f, a_s, a_w = self.attention(x)
-        if a_s is None and a_w is None:
-            # The official "pw1x" path: 1x1 kernel and one kernel need no per-sample weights. One convolution
-            # of the channel-scaled input, which per_sample_conv2d rebuilds in the backward instead of keeping
-            # (a copy of the input map per layer otherwise)
-            y = per_sample_conv2d(x, self.weight[0], None, **self._conv_kwargs(), in_scale=a_c.flatten(1),
-                                  path="grouped")
-            if a_f is not None:
-                y = y * a_f
-        else:
-            # one kernel (1x): the weight stays shared and only the spatial attention varies per sample
-            # several kernels: mixed per sample inside per_sample_conv2d, which never forms them all at once
-            # in training on its matmul path
-            weight, mixing = (None, (a_w, self.weight)) if a_w is not None else (self.weight[0], None)
-            taps = a_s.reshape(x.shape[0], -1) if a_s is not None else None
-            # the filter attention scales the kernels' rows where they are formed (per_sample_conv2d's
-            # out_scale): the unscaled output is then not kept for its gradient
-            y = per_sample_conv2d(x, weight, None, **self._conv_kwargs(), tap_scale=taps, in_scale=a_c.flatten(1),
-                                  mixing=mixing, out_scale=a_f.flatten(1) if a_f is not None else None)
-        if self.bias is not None:
-            y = y + self.bias.reshape(1, -1, 1, 1)
-        return y
+        # equation (1): y = (a_w1 * a_f * a_c * a_s * W_1 + ... + a_wn * a_f * a_c * a_s * W_n) * x, with the
+        # filter, channel and spatial attentions shared by the n kernels (as in the official code)
+        kernels = MixedKernels(a_w, self.weight, spatial=a_s, in_channel=a_c, out_channel=a_f)
+        y = per_sample_conv2d(x, kernels, None, **self._conv_kwargs())
+        return y + self.bias.reshape(1, -1, 1, 1) if self.bias is not None else y
 
     def _forward_one(self, x: torch.Tensor) -> torch.Tensor:
         """One sample without autograd (batch-1 inference): its one kernel takes every attention where that
@@ -171,8 +159,8 @@ class ODConv2d(DynamicConv2dBase):
         if a_s is not None:
             factor = a_s.reshape(1, 1, *self.kernel_size)
             kernel = kernel.mul_(factor) if fresh else kernel * factor
-        y = per_sample_conv2d(x, kernel, None if a_f is not None else self.bias, **self._conv_kwargs(),
-                              in_scale=a_c.flatten(1))
+        y = per_sample_conv2d(x, Kernels(kernel, in_channel=a_c), None if a_f is not None else self.bias,
+                              **self._conv_kwargs())
         if a_f is None:
             return y
         return torch.addcmul(self.bias.reshape(1, -1, 1, 1), y, a_f) if self.bias is not None else y * a_f

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dynconv.ops.functional import PATHS, choose_path, per_sample_conv2d
+from dynconv.ops.kernels import Kernels
 
 
 def reference(x, weight, bias, stride, padding, dilation, groups, tap_scale):
@@ -50,7 +51,7 @@ def test_every_path_equals_the_reference_with_gradients(path, case, kind):
     taps = torch.rand(batch, kernel[0] * kernel[1], **opts) if "taps" in kind else None
     bias = torch.randn(*(() if "shared bias" in kind else (batch,)), c_out, **opts) if "bias" in kind else None
     args = (stride, padding, dilation, groups)
-    got = per_sample_conv2d(x, weight, bias, *args, tap_scale=taps, path=path)
+    got = per_sample_conv2d(x, Kernels(weight, spatial=taps), bias, *args, path=path)
     expected = reference(x, weight, bias, *args, taps)
     torch.testing.assert_close(got, expected)
     leaves = [t for t in (x, weight, taps, bias) if t is not None]
@@ -101,10 +102,10 @@ def test_kernels_rebuilt_in_the_backward_give_the_same_gradients(path, taps, cha
     leaves = [t for t in (x, bank, coeffs, scale, in_scale) if t is not None]
     upstream = torch.randn(3, 6, 9, 8, dtype=torch.float64)
     scaled = x * in_scale[:, :, None, None] if channels else x
-    kept = per_sample_conv2d(scaled, mix_kernels(coeffs, bank), None, (1, 1), (1, 1), (1, 1), tap_scale=scale,
-                             path=path)
-    rebuilt = per_sample_conv2d(x, mix_kernels(coeffs, bank), None, (1, 1), (1, 1), (1, 1), tap_scale=scale,
-                                path=path, rebuild=rebuild, in_scale=in_scale)
+    kept = per_sample_conv2d(scaled, Kernels(mix_kernels(coeffs, bank), spatial=scale), None, (1, 1), (1, 1),
+                             (1, 1), path=path)
+    rebuilt = per_sample_conv2d(x, Kernels(mix_kernels(coeffs, bank), spatial=scale, rebuild=rebuild,
+                                           in_channel=in_scale), None, (1, 1), (1, 1), (1, 1), path=path)
     torch.testing.assert_close(rebuilt, kept)
     expected = torch.autograd.grad(kept, leaves, upstream)
     assert not calls
@@ -125,8 +126,8 @@ def test_kernels_rebuilt_under_autocast_match_kept_ones(path):
     grads = []
     for rebuild in (None, lambda: mix_kernels(coeffs, bank)):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = per_sample_conv2d(x, mix_kernels(coeffs, bank), None, (1, 1), (1, 1), (1, 1), path=path,
-                                  rebuild=rebuild)
+            y = per_sample_conv2d(x, Kernels(mix_kernels(coeffs, bank), rebuild=rebuild), None, (1, 1), (1, 1),
+                                  (1, 1), path=path)
         assert y.dtype == torch.bfloat16
         grads.append(torch.autograd.grad(y.float().square().sum(), (x, bank, coeffs)))
     for kept, rebuilt in zip(*grads):
@@ -147,7 +148,7 @@ def test_a_forced_path_wins_inside_its_block_only():
 @pytest.mark.parametrize("autocast", [False, True])
 def test_per_sample_matmul_gradients_equal_autograds(autocast):
     """The matmul path's own backward ((grad^T @ kernels)^T) against autograd's backward of torch.matmul."""
-    from dynconv.ops.functional import _PerSampleMatmul
+    from dynconv.ops._matmul import _PerSampleMatmul
 
     torch.manual_seed(0)
     kernels, cols = torch.randn(3, 2, 5, 18, requires_grad=True), torch.randn(3, 2, 18, 7, requires_grad=True)

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from dynconv.memory_floor import LiveTensorTracker
-from dynconv.ops import _unfolded, functional
+from dynconv.ops import _cpu_tuning, functional
+from dynconv.ops.kernels import Kernels, MixedKernels
 from dynconv.ops.odconv import ODConv2d
 
 F64 = 8
@@ -36,7 +37,7 @@ def test_per_sample_conv_equals_the_loop_of_convs(monkeypatch, chunk_bytes, kind
                                                   path):
     """Every kernel kind, with tap, input-channel and output-channel scales, in training (the matmul path's
     backward one sample per chunk, or the whole batch; the grouped path's scales folded into its kernels)."""
-    monkeypatch.setattr(_unfolded, "UNFOLD_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(_cpu_tuning, "UNFOLD_CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(0)
     batch, n, c_in, c_out = 3, 4, 8, 6
     opts = dict(dtype=torch.float64, requires_grad=True)
@@ -47,14 +48,15 @@ def test_per_sample_conv_equals_the_loop_of_convs(monkeypatch, chunk_bytes, kind
     coeffs = torch.rand(batch, n, **opts)
     padding = (dilation * (kernel - 1) // 2,) * 2
     conv = dict(stride=(stride, stride), padding=padding, dilation=(dilation, dilation), groups=groups)
-    args = dict(conv, tap_scale=taps, in_scale=channels, out_scale=rows, path=path)
+    args, factors = dict(conv, path=path), dict(spatial=taps, in_channel=channels, out_channel=rows)
     if kind == "shared":
-        got = functional.per_sample_conv2d(x, bank[0], None, **args)
+        got = functional.per_sample_conv2d(x, Kernels(bank[0], **factors), None, **args)
     elif kind == "per_sample":
-        got = functional.per_sample_conv2d(x, functional.mix_kernels(coeffs, bank), None, **args,
-                                           rebuild=lambda: functional.mix_kernels(coeffs.detach(), bank.detach()))
+        got = functional.per_sample_conv2d(x, Kernels(functional.mix_kernels(coeffs, bank), **factors,
+                                           rebuild=lambda: functional.mix_kernels(coeffs.detach(), bank.detach())),
+                                           None, **args)
     else:
-        got = functional.per_sample_conv2d(x, None, None, mixing=(coeffs, bank), **args)
+        got = functional.per_sample_conv2d(x, MixedKernels(coeffs, bank, **factors), None, **args)
     reference_kernels = bank[0] if kind == "shared" else functional.mix_kernels(coeffs, bank)  # its own graph
     expected = _loop_reference(x, reference_kernels, taps, channels, rows, **conv)
     torch.testing.assert_close(got, expected)
@@ -76,8 +78,8 @@ def test_the_chunked_backward_never_holds_the_batch_unfolded(monkeypatch):
     unfolded_bytes = x.numel() * 9 * F64
 
     def backward_peak(chunk_bytes: int) -> int:
-        monkeypatch.setattr(_unfolded, "UNFOLD_CHUNK_BYTES", chunk_bytes)
-        out = functional.per_sample_conv2d(x, weight, None, padding=(1, 1), tap_scale=taps, in_scale=scale,
+        monkeypatch.setattr(_cpu_tuning, "UNFOLD_CHUNK_BYTES", chunk_bytes)
+        out = functional.per_sample_conv2d(x, Kernels(weight, spatial=taps, in_channel=scale), None, padding=(1, 1),
                                            path="matmul")
         upstream = torch.ones_like(out)
         with LiveTensorTracker() as tracker:
