@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from dynconv.engine import run_logging
-from wandb_files import item_key, wandb_history, wandb_records, wandb_summary
+from wandb_files import finished_wandb_records, item_key, wandb_history, wandb_summary
 from dynconv.engine.run_logging import Progress, RunLogger
 
 CONFIG = {"model": {"arch": "resnet18", "conv": "odconv_4x"}, "lr": 0.1}
@@ -98,7 +98,7 @@ def test_wandb_offline_run_contents_and_resume(tmp_path, wandb_offline):
 
     files = list(run_dir.glob(f"wandb/offline-run-*/run-{run_id}.wandb"))
     assert len(files) == 1
-    records = wandb_records(files[0])
+    records = finished_wandb_records(files[0])
     run_record = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert run_record.run_id == run_id and run_record.run_group == "tab2" and run_record.job_type == "train"
     assert list(run_record.tags) == ["resnet18", "odconv_4x"]
@@ -120,9 +120,9 @@ def test_wandb_offline_run_contents_and_resume(tmp_path, wandb_offline):
         assert again.wandb_id == run_id
         again.log_epoch({"epoch": 2, "eval_top1": 60.0}, step=6)
     files = list(run_dir.glob(f"wandb/offline-run-*/run-{run_id}.wandb"))
-    resumed = [r.run for f in files for r in wandb_records(f) if r.WhichOneof("record_type") == "run"]
+    resumed = [r.run for f in files for r in finished_wandb_records(f) if r.WhichOneof("record_type") == "run"]
     assert {r.run_id for r in resumed} == {run_id}
-    assert any(wandb_history(wandb_records(f)).get(6, {}).get("eval/top1") == 60.0 for f in files)
+    assert any(wandb_history(finished_wandb_records(f)).get(6, {}).get("eval/top1") == 60.0 for f in files)
     assert (run_dir / "wandb_id.txt").read_text().strip() == run_id
 
 

@@ -1,6 +1,7 @@
 """Reading W&B offline run files back in tests: the ``run-*.wandb`` transaction log of wandb 0.31."""
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -39,6 +40,25 @@ def wandb_records(path):
             record.ParseFromString(pending)
             records.append(record)
     return records
+
+
+def finished_wandb_records(path, timeout=60.0):
+    """The records of a finished run's log, once its ``exit`` record is in.
+
+    wandb-core writes the log from its own process, buffered, and may still be flushing it when ``run.finish()``
+    returns in the training process; a test that reads the file right away waits for the writer (up to
+    ``timeout`` seconds), then parses what is there.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            records = wandb_records(path)
+        except AssertionError:  # a chunk still being written
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        time.sleep(0.1)
+    return wandb_records(path)
 
 
 def item_key(item):
