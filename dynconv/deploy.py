@@ -38,7 +38,7 @@ from torch import nn
 from torch.fx._symbolic_trace import is_fx_tracing
 
 from .fused_attention import fuse_attentions
-from .models import FRESH_ATTR, _fresh_norm_hook
+from .fresh_statistics import FRESH_ATTR, _fresh_norm_hook
 from .ops._base import DynamicConv2dBase
 from .ops.condconv import CondConv2d
 from .ops.dcd import DCDConv2d, DCDLinear

@@ -11,7 +11,7 @@ from timm.models.resnet import ResNet
 from torch import nn
 
 from .archs import ARCHS, DROP_PATH_MODES, create_backbone, list_archs, set_uniform_drop_path
-from .fresh_statistics import FRESH_ATTR, _fresh_norm_hook, use_batch_statistics_until_trained
+from .fresh_statistics import FRESH_ATTR, use_batch_statistics_until_trained
 from .registry import get_family, get_variant
 from .schedules import drive_schedules
 from .surgery.convert import convert

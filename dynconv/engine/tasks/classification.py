@@ -171,7 +171,7 @@ class ClassificationTask:
         return {}
 
     def load_state(self, state: Mapping[str, Any]) -> None:
-        pass
+        """Classification writes no task state into a checkpoint (:meth:`state`), so there is nothing to take back."""
 
     # --------------------------------------------------------------------------------- eval.py
     def prepare_eval(self, state: Optional[Mapping[str, Any]], device: torch.device) -> EvalSubject:
